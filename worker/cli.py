@@ -1,0 +1,169 @@
+"""`llm-worker`: run the worker, send sample comparisons, manage topics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from contracts import EventEnvelope, LLMComparisonRequestV1
+from worker.settings import KafkaSettings
+
+SAMPLE_ESSAYS = (
+    (
+        "School uniforms help students focus. When everyone wears the same clothes, attention moves from "
+        "fashion to learning, and studies of schools that adopted uniforms report fewer disciplinary cases.",
+        "uniforms are bad because i dont like them and they are itchy and also expensive for parents",
+    ),
+    (
+        "Homework has value when it is short and purposeful: practice consolidates what was taught in class.",
+        "Homework should be abolished. Children need rest, play and family time, and research on young "
+        "pupils shows little benefit from long assignments, while stress and inequality grow.",
+    ),
+    (
+        "Cities should invest in cycling lanes, which reduce traffic, cut emissions and improve health.",
+        "Cars are important. Many people drive. Roads are for cars so bikes should not be on them.",
+    ),
+)
+
+
+def sample_request(i: int, **overrides: Any) -> EventEnvelope[LLMComparisonRequestV1]:
+    essay_a, essay_b = SAMPLE_ESSAYS[i % len(SAMPLE_ESSAYS)]
+    prompt = f"Compare these two essays.\n\nEssay A:\n{essay_a}\n\nEssay B:\n{essay_b}\n\n(sample {i})"
+    data = LLMComparisonRequestV1(
+        request_id=f"sample-{uuid.uuid4()}", user_prompt=prompt, metadata={"sample": i}, **overrides
+    )
+    return EventEnvelope[LLMComparisonRequestV1](correlation_id=uuid.uuid4(), data=data)
+
+
+async def create_topics(kafka: KafkaSettings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        topics = kafka.topics
+        wanted = [
+            NewTopic(
+                name,
+                kafka.request_topic_partitions
+                if name == topics.comparison_request
+                else kafka.topic_partitions,
+                1,
+            )
+            for name in topics.all()
+            if name not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass
+        for name in topics.all():
+            print(f"{name}: {'created' if name not in existing else 'exists'}")
+    finally:
+        await admin.close()
+
+
+async def send(kafka: KafkaSettings, count: int, timeout_s: float, bypass_cache: bool) -> int:
+    """Publish `count` sample comparisons and wait for their results by correlation id."""
+    from rich.progress import Progress
+
+    topics = kafka.topics
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.kafka_bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topics.comparison_result) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()  # topic may be new
+            partitions = consumer.partitions_for_topic(topics.comparison_result) or {0}
+        tps = [TopicPartition(topics.comparison_result, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        sent: dict[str, float] = {}
+        for i in range(count):
+            env = sample_request(i, cache="bypass" if bypass_cache else "use")
+            cid = str(env.correlation_id)
+            sent[cid] = time.perf_counter()
+            await producer.send(
+                topics.comparison_request,
+                env.model_dump_json().encode(),
+                key=(env.data.request_id or cid).encode(),
+                headers=[("correlation_id", cid.encode())],
+            )
+        await producer.flush()
+        results: dict[str, tuple[float, dict[str, Any]]] = {}
+        deadline = time.monotonic() + timeout_s
+        with Progress(disable=count <= 1) as progress:
+            bar = progress.add_task("results", total=count)
+            while len(results) < count and time.monotonic() < deadline:
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for record in records:
+                        doc = json.loads(record.value)
+                        cid = doc.get("correlation_id")
+                        if cid in sent and cid not in results:
+                            results[cid] = (time.perf_counter() - sent[cid], doc["data"])
+                            progress.advance(bar)
+        _summarise(count, results)
+        return 0 if len(results) == count else 1
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def _summarise(count: int, results: dict[str, tuple[float, dict[str, Any]]]) -> None:
+    ok = [d for _, d in results.values() if d.get("winner")]
+    failed = [d for _, d in results.values() if d.get("error_detail")]
+    latencies = sorted(t for t, _ in results.values())
+    print(f"sent {count}, results {len(results)}: {len(ok)} completed, {len(failed)} failed")
+    for d in ok[:3]:
+        print(f"  {d['request_id']}: {d['winner']} (confidence {d['confidence']}): {d['justification']}")
+    for d in failed[:3]:
+        print(f"  {d['request_id']}: {d['error_detail']['error_code']}: {d['error_detail']['message']}")
+    if latencies:
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(f"latency p50 {statistics.median(latencies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+    if len(results) < count:
+        print(f"TIMED OUT waiting for {count - len(results)} results", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the worker (same as `faststream run worker.app:app`)")
+    p_send = sub.add_parser("send", help="publish N sample comparisons and await their results")
+    p_send.add_argument("-n", "--count", type=int, default=10)
+    p_send.add_argument("--timeout", type=float, default=60.0)
+    p_send.add_argument("--bypass-cache", action="store_true")
+    p_topics = sub.add_parser("topics", help="topic management")
+    p_topics.add_argument("action", choices=["create"])
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        from worker.app import create_app
+
+        asyncio.run(create_app().run())
+        return 0
+    if args.command == "send":
+        return asyncio.run(send(KafkaSettings(), args.count, args.timeout, args.bypass_cache))
+    if args.command == "topics":
+        asyncio.run(create_topics(KafkaSettings()))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The consume loop: many requests in flight per partition, at-least-once watermark commits,
+backpressure by pause/resume, bounded drain on revocation and shutdown.
+
+FastStream's subscriber awaits one message at a time and `msg.ack()` commits everything read so far, so
+offsets are ours: this loop drives an aiokafka consumer directly (auto-commit off) and publishes through
+the FastStream broker.
+
+Correctness in four rules:
+1. An offset is admitted to its partition's tracker before its task starts, in fetch order.
+2. An offset is finished only when `handle` returned, i.e. its terminal events were acknowledged by
+   Kafka (acks=all) and its outcome was recorded for idempotent replay.
+3. We only ever commit `tracker.committable()`: the lowest unfinished offset. A crash therefore redelivers
+   every unfinished request (nothing lost) plus finished ones above the gap (replayed from the outcome
+   store, no second provider call).
+4. Trackers carry an epoch. On revocation a tracker is dropped after its grace period; a task of an old
+   epoch that completes later touches nothing, because the new owner may be redoing that offset.
+
+Assignment: aiokafka implements only the eager rebalance protocol (no cooperative-sticky), so every
+rebalance revokes all partitions of this member: in-flight work gets REBALANCE_GRACE_SECONDS to finish and
+be committed, the rest is cancelled and redone by whoever owns the partition next. The sticky assignor keeps
+most partitions where they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker import metrics
+from worker.offsets import PartitionTracker
+from worker.settings import FlowSettings
+
+log = logging.getLogger(__name__)
+
+Handle = Callable[[ConsumerRecord], Awaitable[None]]
+Poison = Callable[[ConsumerRecord, BaseException], Awaitable[None]]
+
+
+class ConsumeLoop:
+    def __init__(
+        self, consumer: AIOKafkaConsumer, topic: str, handle: Handle, poison: Poison, flow: FlowSettings
+    ) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.handle = handle
+        self.poison = poison
+        self.flow = flow
+        self.trackers: dict[TopicPartition, PartitionTracker] = {}
+        self.tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self.in_flight = 0
+        self._epoch = 0
+        self._paused = False
+        self._revoking: set[TopicPartition] = set()
+        self._finished_since_commit = 0
+        self._capacity = asyncio.Event()
+        self._commit_soon = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._stopping = False
+        self._resume_at = max(0, int(flow.max_in_flight * 0.9) - 1)
+        self.assigned = asyncio.Event()
+
+    # ---- main loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Fetch and schedule until stop(); then drain, commit and close the consumer."""
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        committer = asyncio.create_task(self._commit_periodically())
+        try:
+            while not self._stopping:
+                await self._fetch_once()
+        finally:
+            await self._drain(self.flow.shutdown_grace_seconds)
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
+            await self._commit()
+            await self.consumer.stop()
+
+    async def _fetch_once(self) -> None:
+        room = self.flow.max_in_flight - self.in_flight
+        if room <= 0 or (self._paused and self.in_flight > self._resume_at):
+            # Backpressure: fetching is paused but we keep polling, so group membership stays alive
+            # however long the provider calls take; paused partitions return nothing.
+            self._pause()
+            self._capacity.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._capacity.wait(), timeout=1.0)
+            await self.consumer.getmany(timeout_ms=0)
+            return
+        if self._paused:
+            self._resume()
+        batch = await self.consumer.getmany(timeout_ms=100, max_records=room)
+        for tp, records in batch.items():
+            tracker = self.trackers.get(tp)
+            if tracker is None or tp in self._revoking:
+                continue  # revoked while fetched: the next owner reads these again
+            for record in records:
+                self._start(tp, tracker, record)
+
+    def _start(self, tp: TopicPartition, tracker: PartitionTracker, record: ConsumerRecord) -> None:
+        tracker.admit(record.offset)
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        task = asyncio.create_task(self._process(record))
+        self.tasks[tp].add(task)
+        task.add_done_callback(partial(self._on_done, tp, tracker.epoch, record.offset))
+
+    async def _process(self, record: ConsumerRecord) -> None:
+        """Run the handler; an unexpected error is retried, then the message is dead-lettered."""
+        error: BaseException | None = None
+        for attempt in range(1, self.flow.poison_max_attempts + 1):
+            try:
+                await self.handle(record)
+                return
+            except Exception as exc:  # a bug or a poison message; the handler maps all expected errors
+                error = exc
+                metrics.PROCESSING_ERRORS.inc()
+                log.exception(
+                    "processing failed",
+                    extra={"attempt": attempt, "partition": record.partition, "offset": record.offset},
+                )
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        assert error is not None
+        await self.poison(record, error)
+
+    def _on_done(self, tp: TopicPartition, epoch: int, offset: int, task: asyncio.Task[None]) -> None:
+        self.in_flight -= 1
+        metrics.IN_FLIGHT.dec()
+        self.tasks.get(tp, set()).discard(task)
+        if task.cancelled():
+            metrics.REVOKED_CANCELLED.inc()
+        elif task.exception() is not None:
+            # Even the DLQ publish failed (Kafka unreachable): leave the offset unfinished. The partition's
+            # watermark stops here, so a restart redelivers this message: at-least-once is kept.
+            log.error("message left unfinished", exc_info=task.exception(), extra={"offset": offset})
+        else:
+            tracker = self.trackers.get(tp)
+            if tracker is not None and tracker.epoch == epoch:
+                tracker.finish(offset)
+                self._finished_since_commit += 1
+                if self._finished_since_commit >= self.flow.commit_every:
+                    self._commit_soon.set()
+        if self.in_flight <= self._resume_at:
+            self._capacity.set()
+
+    # ---- backpressure ----------------------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            metrics.PAUSED.set(1)
+        self.consumer.pause(*self.consumer.assignment())
+
+    def _resume(self) -> None:
+        self._paused = False
+        metrics.PAUSED.set(0)
+        self.consumer.resume(*self.consumer.assignment())
+
+    # ---- commits ---------------------------------------------------------------------------------------
+
+    async def _commit_periodically(self) -> None:
+        interval_s = self.flow.commit_interval_ms / 1000
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._commit_soon.wait(), timeout=interval_s)
+            self._commit_soon.clear()
+            await self._commit()
+
+    async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit each partition's watermark that moved; one request for all partitions."""
+        async with self._commit_lock:
+            wanted = set(only) if only is not None else None
+            offsets: dict[TopicPartition, int] = {}
+            for tp, tracker in self.trackers.items():
+                target = tracker.committable()
+                if (wanted is None or tp in wanted) and target is not None and target != tracker.committed:
+                    offsets[tp] = target
+            if not offsets:
+                return
+            self._finished_since_commit = 0
+            try:
+                await self.consumer.commit(offsets)
+            except KafkaError as exc:
+                metrics.COMMITS.labels("error").inc()
+                log.warning("offset commit failed; will retry", extra={"error": repr(exc)})
+                return
+            metrics.COMMITS.labels("ok").inc()
+            for tp, offset in offsets.items():
+                current = self.trackers.get(tp)
+                if current is not None:
+                    current.committed = offset
+
+    # ---- rebalance and shutdown ------------------------------------------------------------------------
+
+    def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        for tp in assigned:
+            self._epoch += 1
+            self.trackers[tp] = PartitionTracker(self._epoch)
+            self.tasks[tp] = set()
+        if self._paused:
+            self.consumer.pause(*assigned)
+        log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+        self.assigned.set()
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Stop starting work for these partitions, give in-flight work a grace period, commit, let go."""
+        mine = [tp for tp in revoked if tp in self.trackers]
+        if not mine:
+            return
+        self._revoking.update(mine)
+        try:
+            pending: set[asyncio.Task[None]] = set().union(*(self.tasks[tp] for tp in mine))
+            if pending:
+                await asyncio.wait(pending, timeout=self.flow.rebalance_grace_seconds)
+            await self._commit(mine)
+            for tp in mine:
+                for task in self.tasks.pop(tp):
+                    task.cancel()
+                del self.trackers[tp]
+        finally:
+            self._revoking.difference_update(mine)
+        log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in mine)})
+
+    async def _drain(self, grace_s: float) -> None:
+        self._pause()
+        pending: set[asyncio.Task[None]] = set().union(*self.tasks.values())
+        if pending:
+            log.info("draining in-flight requests", extra={"in_flight": len(pending), "grace_s": grace_s})
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._capacity.set()
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, loop: ConsumeLoop) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.loop.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.loop.on_assigned(assigned)

@@ -1,0 +1,252 @@
+"""One Kafka record -> its terminal events, acknowledged by Kafka. The consumer calls `handle` per record
+and counts the offset finished when it returns."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from contracts import (
+    ErrorCode,
+    ErrorDetail,
+    LLMComparisonResultV1,
+    LLMCostTrackingV1,
+    LLMProviderFailureV1,
+    TokenUsage,
+    Topics,
+    utc_now,
+)
+from worker import metrics
+from worker.emit import Emitter, Outgoing, make_dlq_record, make_event
+from worker.errors import RequestRejected
+from worker.logs import correlation_id_var, request_id_var
+from worker.orchestrate import CallOutcome, Orchestrator
+from worker.outcomes import OutcomeStore
+from worker.validate import Invalid, Job, Unparseable, decode_request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    orchestrator: Orchestrator
+    outcomes: OutcomeStore
+    emitter: Emitter
+    topics: Topics
+    service_name: str
+
+    async def handle(self, record: ConsumerRecord) -> None:
+        header_cid = _header(record.headers, "correlation_id")
+        try:
+            job = decode_request(record.value, header_cid, self.topics.comparison_result)
+        except Unparseable as exc:
+            await self._dead_letter(record, exc)
+            return
+        except Invalid as exc:
+            await self.emitter.publish(self._invalid_events(exc))
+            return
+        correlation_id_var.set(str(job.correlation_id))
+        request_id_var.set(job.request_id)
+
+        stored = await self.outcomes.get(job.request_id)
+        if stored is not None:
+            metrics.REDELIVERED.inc()
+            log.info("redelivered request answered from the outcome store")
+            await self.emitter.publish(stored.to_replay())
+            if not stored.emitted:
+                await self.outcomes.mark_emitted(job.request_id)
+            return
+
+        messages = await self.process(job)
+        await self.outcomes.put(job.request_id, messages)
+        await self.emitter.publish(messages)
+        await self.outcomes.mark_emitted(job.request_id)
+
+    async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
+        """After the poison attempts are spent: DLQ record and, when readable, an INTERNAL_ERROR result."""
+        metrics.DLQ.labels("poison").inc()
+        messages = [self._dlq(record, f"processing failed: {type(error).__name__}: {error}")]
+        try:
+            job = decode_request(record.value, _header(record.headers, "correlation_id"), "")
+        except (Unparseable, Invalid):
+            job = None
+        if job is not None:
+            call = self.orchestrator.resolve(job.request)
+            err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
+            outcome = CallOutcome(call, error=err)
+            messages += self._events(job, outcome, 0, cache="miss")
+        await self.emitter.publish(messages)
+
+    async def process(self, job: Job) -> list[Outgoing]:
+        t0 = time.perf_counter()
+        request = job.request
+        call = self.orchestrator.resolve(request)
+        deadline_s = _deadline_monotonic(job)
+        if deadline_s is not None and deadline_s <= time.monotonic():
+            outcome = CallOutcome(
+                call, error=RequestRejected(ErrorCode.EXPIRED, "deadline passed before pick-up")
+            )
+        else:
+            outcome = await self.orchestrator.run(call, deadline_s)
+        cache = "bypass" if request.cache.value == "bypass" else "miss"
+        return self._events(job, outcome, int((time.perf_counter() - t0) * 1000), cache)
+
+    def _events(self, job: Job, outcome: CallOutcome, elapsed_ms: int, cache: str) -> list[Outgoing]:
+        call, answer, error = outcome.call, outcome.answer, outcome.error
+        request = job.request
+        metadata = dict(request.metadata)
+        metadata.update(
+            prompt_sha256=hashlib.sha256(request.user_prompt.encode()).hexdigest(),
+            resolved_provider=call.provider,
+            resolved_model=answer.model if answer else call.model,
+            cache=cache,
+            attempts=len(outcome.attempts),
+        )
+        cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
+        if any(a.cost and not a.cost.price_known for a in outcome.attempts):
+            metadata["price_known"] = False
+        detail = None
+        if error is not None:
+            details = {k: v for k, v in error.details.items() if k != "usage"}
+            details.setdefault("provider", call.provider)
+            detail = ErrorDetail.from_code(error.code, error.message, job.correlation_id, **details)
+        result = LLMComparisonResultV1(
+            request_id=job.request_id,
+            correlation_id=job.correlation_id,
+            winner=answer.winner if answer else None,
+            justification=answer.justification if answer else None,
+            confidence=answer.confidence if answer else None,
+            error_detail=detail,
+            provider=call.provider,
+            model=metadata["resolved_model"],
+            response_time_ms=elapsed_ms,
+            token_usage=answer.usage if answer else _last_usage(outcome),
+            cost_estimate=cost_usd,
+            requested_at=job.requested_at,
+            request_metadata=metadata,
+        )
+        src = self.service_name
+        messages = [make_event("result", job.callback_topic, job.request_id, result, job.correlation_id, src)]
+        for attempt in outcome.attempts:
+            if attempt.usage is None or attempt.cost is None:
+                continue
+            cost = LLMCostTrackingV1(
+                correlation_id=job.correlation_id,
+                request_id=job.request_id,
+                provider=attempt.provider,
+                model=attempt.model,
+                cost_estimate_usd=attempt.cost.usd,
+                token_usage=attempt.usage,
+                user_id=request.user_id,
+                organization_id=request.organization_id,
+                service_name=src,
+                request_timestamp=attempt.started_at,
+                response_time_ms=attempt.duration_ms,
+            )
+            key = request.organization_id or request.user_id
+            messages.append(make_event("cost", self.topics.cost_tracking, key, cost, job.correlation_id, src))
+        if detail is not None:
+            failure = LLMProviderFailureV1(
+                request_id=job.request_id,
+                correlation_id=job.correlation_id,
+                provider=call.provider,
+                model=call.model,
+                error_detail=detail,
+                attempts=len(outcome.attempts),
+            )
+            messages.append(
+                make_event("failure", self.topics.failure, job.request_id, failure, job.correlation_id, src)
+            )
+        metrics.REQUESTS.labels(
+            "success" if answer else "failure", call.provider, error.code.value if error else ""
+        ).inc()
+        return messages
+
+    def _invalid_events(self, exc: Invalid) -> list[Outgoing]:
+        metrics.REQUESTS.labels("failure", "", ErrorCode.VALIDATION_ERROR.value).inc()
+        detail = ErrorDetail.from_code(
+            ErrorCode.VALIDATION_ERROR,
+            exc.reason,
+            exc.correlation_id,
+            fields=exc.fields,
+            operation="validate",
+        )
+        result = LLMComparisonResultV1(
+            request_id=exc.request_id,
+            correlation_id=exc.correlation_id,
+            error_detail=detail,
+            provider="none",
+            model="none",
+            cost_estimate=0.0,
+            requested_at=utc_now(),
+        )
+        failure = LLMProviderFailureV1(
+            request_id=exc.request_id,
+            correlation_id=exc.correlation_id,
+            provider="none",
+            model="none",
+            error_detail=detail,
+            attempts=0,
+        )
+        src = self.service_name
+        return [
+            make_event("result", exc.callback_topic, exc.request_id, result, exc.correlation_id, src),
+            make_event("failure", self.topics.failure, exc.request_id, failure, exc.correlation_id, src),
+        ]
+
+    async def _dead_letter(self, record: ConsumerRecord, exc: Unparseable) -> None:
+        metrics.DLQ.labels("unparseable").inc()
+        log.warning("unparseable message sent to DLQ", extra={"reason": exc.reason, "offset": record.offset})
+        messages = [self._dlq(record, exc.reason)]
+        if exc.correlation_id is not None:
+            detail = ErrorDetail.from_code(
+                ErrorCode.VALIDATION_ERROR,
+                f"unparseable request: {exc.reason}",
+                exc.correlation_id,
+                operation="decode",
+            )
+            failure = LLMProviderFailureV1(
+                request_id="",
+                correlation_id=exc.correlation_id,
+                provider="none",
+                model="none",
+                error_detail=detail,
+                attempts=0,
+            )
+            messages.append(
+                make_event(
+                    "failure", self.topics.failure, None, failure, exc.correlation_id, self.service_name
+                )
+            )
+        await self.emitter.publish(messages)
+
+    def _dlq(self, record: ConsumerRecord, error: str) -> Outgoing:
+        source: dict[str, Any] = {
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+        }
+        return make_dlq_record(self.topics.dlq, record.value, error, list(record.headers or ()), source)
+
+
+def _header(headers: Any, name: str) -> str | None:
+    for key, value in headers or ():
+        if key == name and value:
+            return bytes(value).decode(errors="replace")
+    return None
+
+
+def _deadline_monotonic(job: Job) -> float | None:
+    deadline = job.request.deadline
+    if deadline is None:
+        return None
+    return time.monotonic() + (deadline - utc_now()).total_seconds()
+
+
+def _last_usage(outcome: CallOutcome) -> TokenUsage:
+    return next((a.usage for a in reversed(outcome.attempts) if a.usage is not None), TokenUsage())

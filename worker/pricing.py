@@ -1,0 +1,54 @@
+"""Price table and cost arithmetic. Unknown model: cost 0.0 with price_known False, never a made-up rate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts import TokenUsage
+
+_DEFAULT_TABLE = Path(__file__).with_name("prices.json")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per 1M tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+    reasoning: float | None = None
+    cache_write: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    usd: float
+    price_known: bool
+
+
+class PriceTable:
+    def __init__(self, prices: dict[str, ModelPrice]) -> None:
+        self.prices = prices
+
+    @classmethod
+    def load(cls, path: str | None = None) -> PriceTable:
+        raw = json.loads(Path(path or _DEFAULT_TABLE).read_text())
+        return cls({name: ModelPrice(**entry) for name, entry in raw["models"].items()})
+
+    def cost(self, model: str, usage: TokenUsage) -> Cost:
+        price = self.prices.get(model)
+        if price is None:
+            return Cost(0.0, price_known=False)
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        cached_rate = price.cached_input if price.cached_input is not None else price.input
+        reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
+        reasoning_rate = price.reasoning if price.reasoning is not None else price.output
+        usd = (
+            (usage.prompt_tokens - cached) * price.input
+            + cached * cached_rate
+            + (usage.completion_tokens - reasoning) * price.output
+            + reasoning * reasoning_rate
+        ) / 1_000_000
+        return Cost(round(usd, 10), price_known=True)

@@ -1,0 +1,88 @@
+"""The provider plug-in point: one Protocol, the call and answer value objects, the answer schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from contracts import ErrorCode, PromptBlock, TokenUsage, Winner
+from worker.errors import ProviderError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an expert essay assessor doing comparative judgement. Read Essay A and Essay B and decide "
+    "which is better. Answer with the winner ('Essay A' or 'Essay B'), a justification of at most 500 "
+    "characters, and your confidence from 1 (guess) to 5 (certain)."
+)
+
+#: Version of the answer schema; part of the cache key.
+SCHEMA_VERSION = 1
+
+#: JSON Schema of an answer, sent to providers that support structured output.
+COMPARISON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "winner": {"type": "string", "enum": ["Essay A", "Essay B"]},
+        "justification": {"type": "string", "maxLength": 500},
+        "confidence": {"type": "number", "minimum": 1, "maximum": 5},
+    },
+    "required": ["winner", "justification", "confidence"],
+    "additionalProperties": False,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ComparisonCall:
+    """What one provider call is asked: everything that changes the answer, nothing that doesn't."""
+
+    provider: str
+    model: str
+    system_prompt: str
+    user_prompt: str
+    prompt_blocks: tuple[PromptBlock, ...] = ()
+    temperature: float | None = None
+    max_tokens: int | None = None
+    reasoning_effort: str | None = None
+    output_verbosity: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A validated comparison from a provider."""
+
+    winner: Winner
+    justification: str
+    confidence: float
+    model: str
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+class Provider(Protocol):
+    """An LLM backend. `compare` returns a validated Answer or raises ProviderError, never a default."""
+
+    name: str
+    default_model: str
+
+    async def compare(self, call: ComparisonCall) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+def parse_answer(obj: Any, model: str, usage: TokenUsage, provider: str) -> Answer:
+    """Validate a provider's structured answer. Anything off is PARSING_ERROR: no default winner, no
+    clamping or rescaling of confidence."""
+
+    def bad(reason: str) -> ProviderError:
+        return ProviderError(ErrorCode.PARSING_ERROR, f"invalid answer: {reason}", provider=provider)
+
+    if not isinstance(obj, dict):
+        raise bad("not an object")
+    winner, justification, confidence = obj.get("winner"), obj.get("justification"), obj.get("confidence")
+    if winner not in ("Essay A", "Essay B"):
+        raise bad("winner is not 'Essay A' or 'Essay B'")
+    if not isinstance(justification, str) or not justification.strip() or len(justification) > 500:
+        raise bad("justification missing or longer than 500 characters")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float):
+        raise bad("confidence is not a number")
+    if not 1.0 <= float(confidence) <= 5.0:
+        raise bad("confidence outside 1-5")
+    return Answer(winner, justification, float(confidence), model, usage)

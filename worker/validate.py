@@ -1,0 +1,99 @@
+"""Raw Kafka bytes -> a Job, or a clear reason why not.
+
+Unparseable: not JSON, or not an envelope -> DLQ (plus a failure event when a correlation id is recoverable).
+Invalid: an envelope whose data violates the request schema -> VALIDATION_ERROR result naming the fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from contracts import EventEnvelope, LLMComparisonRequestV1
+
+RequestEnvelope = EventEnvelope[LLMComparisonRequestV1]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A valid request, ready to process."""
+
+    request: LLMComparisonRequestV1
+    request_id: str
+    correlation_id: UUID
+    requested_at: datetime
+    callback_topic: str
+
+
+class Unparseable(Exception):
+    def __init__(self, reason: str, correlation_id: UUID | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.correlation_id = correlation_id
+
+
+class Invalid(Exception):
+    def __init__(
+        self, fields: list[str], reason: str, correlation_id: UUID, request_id: str, callback_topic: str
+    ) -> None:
+        super().__init__(reason)
+        self.fields = fields
+        self.reason = reason
+        self.correlation_id = correlation_id
+        self.request_id = request_id
+        self.callback_topic = callback_topic
+
+
+def decode_request(raw: bytes | None, header_correlation_id: str | None, default_topic: str) -> Job:
+    """Parse and validate once; only the failure path looks at the bytes a second time."""
+    try:
+        envelope = RequestEnvelope.model_validate_json(raw or b"")
+    except ValidationError as exc:
+        raise _explain(raw, exc, header_correlation_id, default_topic) from exc
+    data = envelope.data
+    return Job(
+        request=data,
+        request_id=data.request_id or str(envelope.event_id),
+        correlation_id=envelope.correlation_id,
+        requested_at=envelope.event_timestamp,
+        callback_topic=data.callback_topic or default_topic,
+    )
+
+
+def _as_uuid(value: Any) -> UUID | None:
+    try:
+        return UUID(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _explain(
+    raw: bytes | None, exc: ValidationError, header_correlation_id: str | None, default_topic: str
+) -> Exception:
+    try:
+        doc = json.loads(raw or b"")
+    except ValueError:
+        return Unparseable("not JSON", _as_uuid(header_correlation_id))
+    if not isinstance(doc, dict):
+        return Unparseable("not a JSON object", _as_uuid(header_correlation_id))
+    correlation_id = _as_uuid(doc.get("correlation_id")) or _as_uuid(header_correlation_id)
+    envelope_errors = [e for e in exc.errors() if not e["loc"] or e["loc"][0] != "data"]
+    data = doc.get("data")
+    if envelope_errors or not isinstance(data, dict) or correlation_id is None:
+        fields = sorted({".".join(map(str, e["loc"])) for e in envelope_errors}) or ["data"]
+        return Unparseable(f"not an envelope: invalid {', '.join(fields)}", correlation_id)
+    fields = sorted({".".join(map(str, e["loc"][1:])) for e in exc.errors()})
+    request_id = data.get("request_id")
+    callback = data.get("callback_topic")
+    return Invalid(
+        fields=fields,
+        reason=f"invalid request fields: {', '.join(fields)}",
+        correlation_id=correlation_id,
+        request_id=request_id if isinstance(request_id, str) and request_id else str(doc.get("event_id", "")),
+        callback_topic=callback if isinstance(callback, str) and callback else default_topic,
+    )
