@@ -1,0 +1,94 @@
+"""Issue 2: a request through the real broker and Redis yields one result and a cost event; bad input is
+handled and the consumer keeps going."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from tests.conftest import make_settings, request_envelope, running_worker
+
+
+async def test_request_yields_one_result_and_one_cost_event(prefix, topics_for, kafka_for) -> None:
+    settings = make_settings(prefix)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    env = request_envelope(metadata={"essay_pair": "p1"}, user_id="u1", organization_id="org1")
+    async with running_worker(settings):
+        await kafka.send(env)
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        [cost] = await kafka.wait_for(kafka.topics.cost_tracking, 1)
+    data = result["data"]
+    assert result["event_type"] == "LLMComparisonResultV1"
+    assert result["correlation_id"] == str(env.correlation_id) == data["correlation_id"]
+    assert data["request_id"] == env.data.request_id
+    assert data["winner"] in ("Essay A", "Essay B")
+    assert 1.0 <= data["confidence"] <= 5.0
+    assert data["request_metadata"]["essay_pair"] == "p1"
+    assert data["request_metadata"]["resolved_provider"] == "mock"
+    assert data["token_usage"]["total_tokens"] > 0
+    assert cost["data"]["request_id"] == env.data.request_id
+    assert cost["data"]["service_name"] == "llm_provider_service"
+    raw = kafka.raw[kafka.topics.comparison_result][0]
+    assert raw.key == env.data.request_id.encode()
+    assert dict(raw.headers)["correlation_id"] == str(env.correlation_id).encode()
+    assert len(kafka.of(kafka.topics.comparison_result)) == 1
+
+
+async def test_result_goes_to_the_callback_topic(prefix, topics_for, kafka_for) -> None:
+    settings = make_settings(prefix)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    callback = kafka.topics.failure  # any existing topic of this test's prefix
+    env = request_envelope(callback_topic=callback)
+    async with running_worker(settings):
+        await kafka.send(env)
+        found = await kafka.wait_for(callback, 1, where=lambda e: e["event_type"] == "LLMComparisonResultV1")
+    assert found[0]["data"]["request_id"] == env.data.request_id
+    assert kafka.of(kafka.topics.comparison_result) == []
+
+
+async def test_unparseable_message_goes_to_dlq_and_the_next_request_completes(
+    prefix, topics_for, kafka_for
+) -> None:
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    cid = "7b0c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d"
+    async with running_worker(settings):
+        await kafka.send_raw(b"\x00not json at all", correlation_id=cid)
+        await kafka.send_raw(b'{"hello": "world"}')
+        env = request_envelope()
+        await kafka.send(env)
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        dlq = await kafka.wait_for(kafka.topics.dlq, 2)
+        failures = await kafka.wait_for(kafka.topics.failure, 1)
+    assert result["data"]["request_id"] == env.data.request_id
+    assert base64.b64decode(dlq[0]["raw_base64"]) == b"\x00not json at all"
+    assert dlq[0]["error"] == "not JSON"
+    assert ["correlation_id", base64.b64encode(cid.encode()).decode()] in dlq[0]["headers"]
+    assert dlq[1]["error"].startswith("not an envelope")
+    assert failures[0]["correlation_id"] == cid
+    assert failures[0]["data"]["error_detail"]["error_code"] == "VALIDATION_ERROR"
+
+
+async def test_schema_violation_yields_validation_error_naming_fields(prefix, topics_for, kafka_for) -> None:
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    good = request_envelope()
+    bad = json.loads(good.model_dump_json())
+    bad["data"]["request_id"] = "bad-1"
+    bad["data"]["user_prompt"] = ""
+    bad["data"]["llm_config_overrides"] = {"temperature_override": 7}
+    async with running_worker(settings):
+        await kafka.send_raw(json.dumps(bad).encode(), key="bad-1")
+        await kafka.send(request_envelope())
+        results = await kafka.wait_for(kafka.topics.comparison_result, 2)
+    failed = next(r["data"] for r in results if r["data"]["request_id"] == "bad-1")
+    detail = failed["error_detail"]
+    assert detail["error_code"] == "VALIDATION_ERROR"
+    assert detail["details"]["retryable"] is False
+    assert set(detail["details"]["fields"]) == {"user_prompt", "llm_config_overrides.temperature_override"}
+    assert failed["winner"] is None
+    assert sum(1 for r in results if r["data"]["winner"]) == 1
