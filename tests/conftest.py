@@ -143,8 +143,8 @@ class Kafka:
         await self._producer.stop()
         await self._consumer.stop()
 
-    async def send(self, env: EventEnvelope[Any], topic: str | None = None) -> None:
-        await self.send_raw(
+    async def send(self, env: EventEnvelope[Any], topic: str | None = None) -> Any:
+        return await self.send_raw(
             env.model_dump_json().encode(),
             key=getattr(env.data, "request_id", None),
             correlation_id=str(env.correlation_id),
@@ -152,10 +152,15 @@ class Kafka:
         )
 
     async def send_raw(
-        self, value: bytes, key: str | None = None, correlation_id: str | None = None, topic: str | None = None
-    ) -> None:
+        self,
+        value: bytes,
+        key: str | None = None,
+        correlation_id: str | None = None,
+        topic: str | None = None,
+    ) -> Any:
+        """Publish and wait for the broker's ack; returns the RecordMetadata (partition, offset)."""
         headers = [("correlation_id", correlation_id.encode())] if correlation_id else []
-        await self._producer.send_and_wait(
+        return await self._producer.send_and_wait(
             topic or self.topics.comparison_request,
             value,
             key=key.encode() if key else None,
@@ -166,7 +171,11 @@ class Kafka:
         return self.events.get(topic, [])
 
     async def wait_for(
-        self, topic: str, count: int, timeout_s: float = 30, where: Callable[[dict[str, Any]], bool] | None = None
+        self,
+        topic: str,
+        count: int,
+        timeout_s: float = 30,
+        where: Callable[[dict[str, Any]], bool] | None = None,
     ) -> list[dict[str, Any]]:
         """Wait until `count` events (matching `where`) are on `topic`; fail with what arrived otherwise."""
         loop = asyncio.get_running_loop()
@@ -211,3 +220,76 @@ async def running_worker(settings: Settings) -> AsyncIterator[Any]:
     finally:
         await runtime.stop()
         await broker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_env(settings: Settings, **extra: Any) -> dict[str, str]:
+    """Environment for a `llm-worker run` subprocess equivalent to `settings` plus `extra` overrides."""
+    import os
+
+    env = dict(os.environ)
+    for group in (settings.kafka, settings.redis, settings.flow, settings.service, settings.mock):
+        for name, value in group.model_dump(mode="json").items():
+            if value is not None:
+                env[name.upper()] = str(value)
+    env.update({k.upper(): str(v) for k, v in extra.items()})
+    return env
+
+
+class WorkerProcess:
+    """A real worker process (`python -m worker.cli run`), logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Any) -> None:
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_assigned(self, timeout_s: float = 30) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while "partitions assigned" not in self.log_text():
+            if self.proc.poll() is not None or loop.time() > end:
+                raise AssertionError(f"worker never got partitions:\n{self.log_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+
+    async def wait_exit(self, timeout_s: float = 30) -> int:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while (code := self.proc.poll()) is None:
+            if loop.time() > end:
+                raise AssertionError("worker did not exit")
+            await asyncio.sleep(0.05)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+async def committed_offsets(settings: Settings, partitions: int) -> dict[int, int | None]:
+    """The consumer group's committed offset of each request-topic partition."""
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=BOOTSTRAP, group_id=settings.kafka.consumer_group, enable_auto_commit=False
+    )
+    await reader.start()
+    try:
+        topic = settings.kafka.topics.comparison_request
+        return {p: await reader.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        await reader.stop()

@@ -11,7 +11,7 @@ from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitio
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from worker.consume import ConsumeLoop
 from worker.emit import Emitter
@@ -53,11 +53,16 @@ class Runtime:
         s = self.settings
         if s.service.metrics_port:
             start_http_server(s.service.metrics_port, addr="127.0.0.1")
-        self._redis = Redis.from_url(
+        # A blocking pool: with hundreds of requests in flight, callers wait for a connection instead of
+        # failing with "Too many connections" (which would silently drop idempotency records).
+        pool = BlockingConnectionPool.from_url(
             s.redis.redis_url,
+            max_connections=s.redis.redis_max_connections,
+            timeout=s.redis.redis_timeout_s,
             socket_timeout=s.redis.redis_timeout_s,
             socket_connect_timeout=s.redis.redis_timeout_s,
         )
+        self._redis = Redis.from_pool(pool)
         mock = MockProvider(s.mock)
         self.providers = {mock.name: mock}
         orchestrator = Orchestrator(
@@ -78,6 +83,8 @@ class Runtime:
             auto_offset_reset="earliest",
             partition_assignment_strategy=(StickyPartitionAssignor,),
             max_poll_records=s.flow.max_in_flight,
+            session_timeout_ms=s.kafka.kafka_session_timeout_ms,
+            heartbeat_interval_ms=s.kafka.kafka_heartbeat_interval_ms,
         )
         await consumer.start()
         self.loop = ConsumeLoop(

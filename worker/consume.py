@@ -79,7 +79,7 @@ class ConsumeLoop:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self._commit()
+            await self.commit()
             await self.consumer.stop()
 
     async def _fetch_once(self) -> None:
@@ -170,9 +170,9 @@ class ConsumeLoop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._commit_soon.wait(), timeout=interval_s)
             self._commit_soon.clear()
-            await self._commit()
+            await self.commit()
 
-    async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+    async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit each partition's watermark that moved; one request for all partitions."""
         async with self._commit_lock:
             wanted = set(only) if only is not None else None
@@ -218,7 +218,7 @@ class ConsumeLoop:
             pending: set[asyncio.Task[None]] = set().union(*(self.tasks[tp] for tp in mine))
             if pending:
                 await asyncio.wait(pending, timeout=self.flow.rebalance_grace_seconds)
-            await self._commit(mine)
+            await self.commit(mine)
             for tp in mine:
                 for task in self.tasks.pop(tp):
                     task.cancel()

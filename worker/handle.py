@@ -72,7 +72,9 @@ class Handler:
         metrics.DLQ.labels("poison").inc()
         messages = [self._dlq(record, f"processing failed: {type(error).__name__}: {error}")]
         try:
-            job = decode_request(record.value, _header(record.headers, "correlation_id"), "")
+            job = decode_request(
+                record.value, _header(record.headers, "correlation_id"), self.topics.comparison_result
+            )
         except (Unparseable, Invalid):
             job = None
         if job is not None:

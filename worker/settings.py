@@ -23,6 +23,8 @@ class KafkaSettings(BaseSettings):
     request_topic_partitions: int = Field(default=12, ge=1)
     topic_partitions: int = Field(default=6, ge=1, description="Partitions of the other topics.")
     kafka_client_id: str = "llm-provider-worker"
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
 
     @property
     def topics(self) -> Topics:
@@ -34,6 +36,7 @@ class RedisSettings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = Field(default=1.0, gt=0)
+    redis_max_connections: int = Field(default=64, ge=1)
     redis_key_prefix: str = "llmw"
     idempotency_ttl_s: int = Field(default=86_400, gt=0)
 

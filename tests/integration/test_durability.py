@@ -1,0 +1,286 @@
+"""Issue 3 on the real broker: watermark commits, crash safety, rebalance, drain, deadlines, poison
+messages, backpressure. Assertions are on events and committed offsets, not on timing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter, defaultdict
+from datetime import timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from contracts import utc_now
+from tests.conftest import (
+    BOOTSTRAP,
+    WorkerProcess,
+    committed_offsets,
+    free_port,
+    make_settings,
+    request_envelope,
+    running_worker,
+    worker_env,
+)
+from worker.consume import ConsumeLoop
+
+
+async def _until(predicate: Any, timeout_s: float = 30, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_commit_stays_at_lowest_unfinished_offset_until_it_finishes(prefix, topics_for, kafka_for):
+    settings = make_settings(prefix, partitions=1, max_in_flight=200)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    for i in range(100):
+        await kafka.send_raw(b"payload %d" % i)
+    release = asyncio.Event()
+    finished: list[int] = []
+
+    async def handle(record: ConsumerRecord) -> None:
+        if record.offset == 0:
+            await release.wait()
+        finished.append(record.offset)
+
+    async def poison(record: ConsumerRecord, error: BaseException) -> None:
+        raise AssertionError("no poison expected")
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=BOOTSTRAP,
+        group_id=settings.kafka.consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    loop = ConsumeLoop(consumer, settings.kafka.topics.comparison_request, handle, poison, settings.flow)
+    task = asyncio.create_task(loop.run())
+    try:
+        await _until(lambda: len(finished) == 99, what="offsets 1..99 to finish")
+        await loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 0}
+        release.set()
+        await _until(lambda: len(finished) == 100, what="offset 0 to finish")
+        await loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 100}
+    finally:
+        loop.stop()
+        await task
+
+
+async def test_kill_9_with_500_in_flight_loses_nothing_and_duplicates_only_uncommitted(
+    prefix, topics_for, kafka_for, tmp_path
+):
+    partitions = 3
+    settings = make_settings(
+        prefix,
+        partitions=partitions,
+        max_in_flight=1000,
+        mock_latency_ms=1500,
+        mock_jitter_ms=1400,
+        commit_interval_ms=100,
+        kafka_session_timeout_ms=6000,
+        kafka_heartbeat_interval_ms=500,
+    )
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    env = worker_env(settings)
+    first = WorkerProcess(env, tmp_path / "first.log")
+    try:
+        await first.wait_assigned()
+        envelopes = [request_envelope(i) for i in range(500)]
+        metas = await asyncio.gather(*(kafka.send(e) for e in envelopes))
+        where = {e.data.request_id: (m.partition, m.offset) for e, m in zip(envelopes, metas, strict=True)}
+        results_topic = kafka.topics.comparison_result
+        await kafka.wait_for(results_topic, 50)
+        first.kill()
+    finally:
+        first.kill()
+    committed = await committed_offsets(settings, partitions)
+    answered_before_restart = {e["data"]["request_id"] for e in kafka.of(results_topic)}
+    assert len(answered_before_restart) < 500, "the kill came too late to test anything"
+
+    second = WorkerProcess(env, tmp_path / "second.log")
+    try:
+        await _until(
+            lambda: len({e["data"]["request_id"] for e in kafka.of(results_topic)}) == 500,
+            timeout_s=60,
+            what="a result for every request",
+        )
+        second.proc.send_signal(signal.SIGTERM)
+        assert await second.wait_exit() == 0
+    finally:
+        second.kill()
+
+    per_request = Counter(e["data"]["request_id"] for e in kafka.of(results_topic))
+    assert set(per_request) == set(where)
+    for request_id, count in per_request.items():
+        if count > 1:
+            partition, offset = where[request_id]
+            assert committed[partition] is None or offset >= committed[partition], (
+                f"{request_id} at {partition}:{offset} was committed ({committed[partition]}) yet redone"
+            )
+    cost_ids: dict[str, set[str]] = defaultdict(set)
+    for e in kafka.of(kafka.topics.cost_tracking):
+        cost_ids[e["data"]["request_id"]].add(e["event_id"])
+    assert set(cost_ids) == set(where)
+    assert all(len(ids) == 1 for ids in cost_ids.values()), "a call's cost was tracked twice"
+
+
+async def test_two_workers_share_partitions_and_nothing_is_lost_when_one_leaves(
+    prefix, topics_for, kafka_for
+):
+    settings = make_settings(prefix, partitions=6, max_in_flight=20, mock_latency_ms=100)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    async with running_worker(settings) as first:
+        second_cm = running_worker(settings)
+        second = await second_cm.__aenter__()
+        try:
+            await _until(
+                lambda: len(first.loop.trackers) + len(second.loop.trackers) == 6
+                and first.loop.trackers
+                and second.loop.trackers,
+                what="both workers to own partitions",
+            )
+            envelopes = [request_envelope(i) for i in range(300)]
+            await asyncio.gather(*(kafka.send(e) for e in envelopes))
+            await kafka.wait_for(kafka.topics.comparison_result, 60)
+        finally:
+            await second_cm.__aexit__(None, None, None)
+        second_calls = second.providers["mock"].calls
+        await _until(
+            lambda: len({e["data"]["request_id"] for e in kafka.of(kafka.topics.comparison_result)}) == 300,
+            what="all 300 results",
+        )
+        first_calls = first.providers["mock"].calls
+    assert first_calls > 0 and second_calls > 0, (first_calls, second_calls)
+    answered = {e["data"]["request_id"] for e in kafka.of(kafka.topics.comparison_result)}
+    assert answered == {e.data.request_id for e in envelopes}
+
+
+async def test_sigterm_drains_in_flight_work_commits_and_exits_0(prefix, topics_for, kafka_for, tmp_path):
+    partitions = 2
+    port = free_port()
+    settings = make_settings(prefix, partitions=partitions, mock_latency_ms=1500, metrics_port=port)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    worker = WorkerProcess(worker_env(settings), tmp_path / "worker.log")
+    try:
+        await worker.wait_assigned()
+        metas = await asyncio.gather(*(kafka.send(request_envelope(i)) for i in range(50)))
+        await _until_in_flight(port, 50)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == 0
+    finally:
+        worker.kill()
+    results = await kafka.wait_for(kafka.topics.comparison_result, 50, timeout_s=10)
+    assert len({e["data"]["request_id"] for e in results}) == 50
+    ends: dict[int, int] = defaultdict(int)
+    for m in metas:
+        ends[m.partition] = max(ends[m.partition], m.offset + 1)
+    assert await committed_offsets(settings, partitions) == dict(ends)
+
+
+async def _until_in_flight(port: int, count: int) -> None:
+    import urllib.request
+
+    def read() -> float:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        line = next(ln for ln in body.splitlines() if ln.startswith("llm_worker_in_flight "))
+        return float(line.split()[1])
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 20
+    while (await asyncio.to_thread(read)) < count:
+        if loop.time() > end:
+            raise AssertionError(f"never reached {count} in flight")
+        await asyncio.sleep(0.05)
+
+
+async def test_deadline_in_the_past_expires_without_a_provider_call(prefix, topics_for, kafka_for):
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    env = request_envelope(deadline=utc_now() - timedelta(seconds=1))
+    async with running_worker(settings) as runtime:
+        await kafka.send(env)
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        calls = runtime.providers["mock"].calls
+    detail = result["data"]["error_detail"]
+    assert detail["error_code"] == "TIMEOUT"
+    assert detail["details"]["reason"] == "deadline_expired"
+    assert detail["details"]["retryable"] is False
+    assert calls == 0
+    assert kafka.of(kafka.topics.cost_tracking) == []
+
+
+async def test_deadline_passing_during_the_call_expires_the_request(prefix, topics_for, kafka_for):
+    settings = make_settings(prefix, partitions=1, mock_latency_ms=3000)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    env = request_envelope(deadline=utc_now() + timedelta(milliseconds=500))
+    async with running_worker(settings):
+        await kafka.send(env)
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+    assert result["data"]["error_detail"]["details"]["reason"] == "deadline_expired"
+
+
+async def test_poison_message_is_dead_lettered_after_attempts_and_its_offset_finishes(
+    prefix, topics_for, kafka_for
+):
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=2)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    poison = request_envelope(request_id="poison-1")
+    attempts = Counter[str]()
+    async with running_worker(settings) as runtime:
+        real_handle = runtime.loop.handle
+
+        async def buggy_handle(record: ConsumerRecord) -> None:
+            if b"poison-1" in record.value:
+                attempts["poison-1"] += 1
+                raise RuntimeError("handler bug")
+            await real_handle(record)
+
+        runtime.loop.handle = buggy_handle
+        await kafka.send(poison)
+        await kafka.send(request_envelope())
+        [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
+        results = await kafka.wait_for(kafka.topics.comparison_result, 2)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 2}
+    assert attempts["poison-1"] == 2
+    assert dlq["error"] == "processing failed: RuntimeError: handler bug"
+    assert dlq["source"]["offset"] == 0
+    failed = next(r["data"] for r in results if r["data"]["request_id"] == "poison-1")
+    assert failed["error_detail"]["error_code"] == "PROCESSING_ERROR"
+
+
+async def test_backpressure_bounds_concurrency_at_max_in_flight(prefix, topics_for, kafka_for):
+    settings = make_settings(prefix, partitions=2, max_in_flight=5, mock_latency_ms=30)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    async with running_worker(settings) as runtime:
+        mock = runtime.providers["mock"]
+        real_compare = mock.compare
+        active, peak = 0, 0
+
+        async def counting_compare(call: Any) -> Any:
+            nonlocal active, peak
+            active += 1
+            peak = max(peak, active)
+            try:
+                return await real_compare(call)
+            finally:
+                active -= 1
+
+        mock.compare = counting_compare
+        await asyncio.gather(*(kafka.send(request_envelope(i)) for i in range(60)))
+        await kafka.wait_for(kafka.topics.comparison_result, 60)
+    assert peak == 5
