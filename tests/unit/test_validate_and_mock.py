@@ -1,0 +1,109 @@
+"""Decoding requests, and the deterministic mock provider."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from contracts import EventEnvelope, LLMComparisonRequestV1
+from worker.errors import ProviderError
+from worker.providers.base import ComparisonCall
+from worker.providers.mock import MockProvider
+from worker.settings import MockSettings
+from worker.validate import Invalid, Unparseable, decode_request
+
+DEFAULT_TOPIC = "results"
+
+
+def _envelope(**data: object) -> bytes:
+    env = EventEnvelope[LLMComparisonRequestV1](
+        correlation_id=uuid.uuid4(), data=LLMComparisonRequestV1(user_prompt="p", **data)
+    )
+    return env.model_dump_json().encode()
+
+
+def test_request_id_defaults_to_the_envelope_event_id() -> None:
+    raw = _envelope()
+    job = decode_request(raw, None, DEFAULT_TOPIC)
+    assert job.request_id == json.loads(raw)["event_id"]
+    assert job.callback_topic == DEFAULT_TOPIC
+
+
+def test_caller_request_id_and_callback_topic_are_kept() -> None:
+    job = decode_request(_envelope(request_id="abc", callback_topic="mine"), None, DEFAULT_TOPIC)
+    assert (job.request_id, job.callback_topic) == ("abc", "mine")
+
+
+def test_non_json_is_unparseable_with_the_header_correlation_id() -> None:
+    cid = str(uuid.uuid4())
+    with pytest.raises(Unparseable) as err:
+        decode_request(b"{{{", cid, DEFAULT_TOPIC)
+    assert err.value.reason == "not JSON"
+    assert str(err.value.correlation_id) == cid
+
+
+def test_json_without_envelope_is_unparseable() -> None:
+    with pytest.raises(Unparseable, match="not an envelope"):
+        decode_request(b'{"data": {"user_prompt": "p"}}', None, DEFAULT_TOPIC)
+
+
+def test_schema_violation_is_invalid_and_names_the_fields() -> None:
+    doc = json.loads(_envelope(request_id="r9", callback_topic="cb"))
+    doc["data"]["cache"] = "sometimes"
+    doc["data"]["user_prompt"] = "x" * 300_000
+    with pytest.raises(Invalid) as err:
+        decode_request(json.dumps(doc).encode(), None, DEFAULT_TOPIC)
+    assert err.value.fields == ["cache", "user_prompt"]
+    assert (err.value.request_id, err.value.callback_topic) == ("r9", "cb")
+
+
+CALL = ComparisonCall(
+    provider="mock", model="mock-comparator-1", system_prompt="s", user_prompt="Essay A vs B"
+)
+
+
+def _answer_in_subprocess(seed: int) -> str:
+    code = (
+        "import asyncio\n"
+        "from worker.providers.mock import MockProvider\n"
+        "from worker.settings import MockSettings\n"
+        "from worker.providers.base import ComparisonCall\n"
+        "call = ComparisonCall(provider='mock', model='mock-comparator-1', system_prompt='s',"
+        " user_prompt='Essay A vs B')\n"
+        f"a = asyncio.run(MockProvider(MockSettings(mock_seed={seed})).compare(call))\n"
+        "print(a.winner, a.confidence, a.justification, a.usage.total_tokens)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_mock_answer_is_identical_across_processes() -> None:
+    a = asyncio.run(MockProvider(MockSettings(mock_seed=7)).compare(CALL))
+    here = f"{a.winner} {a.confidence} {a.justification} {a.usage.total_tokens}\n"
+    assert _answer_in_subprocess(7) == here
+    assert 1.0 <= a.confidence <= 5.0
+
+
+def test_mock_answers_vary_with_content_and_seed() -> None:
+    winners = {
+        asyncio.run(MockProvider(MockSettings(mock_seed=seed)).compare(CALL)).winner for seed in range(20)
+    }
+    assert winners == {"Essay A", "Essay B"}
+
+
+def test_mock_winner_profile_forces_the_winner() -> None:
+    provider = MockProvider(MockSettings(mock_winner="Essay B"))
+    for seed in range(5):
+        call = ComparisonCall("mock", "m", "s", f"prompt {seed}")
+        assert asyncio.run(provider.compare(call)).winner == "Essay B"
+
+
+def test_mock_error_rate_one_always_fails_with_a_retryable_error() -> None:
+    provider = MockProvider(MockSettings(mock_error_rate=1.0))
+    with pytest.raises(ProviderError) as err:
+        asyncio.run(provider.compare(CALL))
+    assert err.value.retryable
