@@ -20,6 +20,7 @@ from worker.settings import (
     FlowSettings,
     KafkaSettings,
     MockSettings,
+    ProviderSettings,
     RedisSettings,
     ServiceSettings,
     Settings,
@@ -56,6 +57,7 @@ def make_settings(prefix: str, partitions: int = 3, **overrides: Any) -> Setting
         "flow": FlowSettings,
         "service": ServiceSettings,
         "mock": MockSettings,
+        "providers": ProviderSettings,
     }
     base: dict[str, dict[str, Any]] = {
         "kafka": {
@@ -69,6 +71,7 @@ def make_settings(prefix: str, partitions: int = 3, **overrides: Any) -> Setting
         "flow": {"commit_interval_ms": 50, "shutdown_grace_seconds": 5, "rebalance_grace_seconds": 2},
         "service": {},
         "mock": {},
+        "providers": {},
     }
     for key, value in overrides.items():
         owner = next(name for name, cls in groups.items() if key in cls.model_fields)

@@ -20,8 +20,8 @@ from worker.logs import setup_logging
 from worker.orchestrate import Orchestrator
 from worker.outcomes import OutcomeStore
 from worker.pricing import PriceTable
+from worker.providers import build_providers, unconfigured_providers
 from worker.providers.base import Provider
-from worker.providers.mock import MockProvider
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class Runtime:
         self.settings = settings
         self.broker = broker
         self.providers: dict[str, Provider] = {}
+        self.unconfigured_providers: list[str] = []
         self.loop: ConsumeLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._redis: Redis | None = None
@@ -63,8 +64,12 @@ class Runtime:
             socket_connect_timeout=s.redis.redis_timeout_s,
         )
         self._redis = Redis.from_pool(pool)
-        mock = MockProvider(s.mock)
-        self.providers = {mock.name: mock}
+        self.providers = build_providers(s)
+        self.unconfigured_providers = unconfigured_providers(s.providers)
+        log.info(
+            "providers built",
+            extra={"providers": sorted(self.providers), "unconfigured": self.unconfigured_providers},
+        )
         orchestrator = Orchestrator(
             self.providers, PriceTable.load(s.service.price_table_path), s.service.default_provider
         )

@@ -140,6 +140,48 @@ def _summarise(count: int, results: dict[str, tuple[float, dict[str, Any]]]) -> 
         print(f"TIMED OUT waiting for {count - len(results)} results", file=sys.stderr)
 
 
+async def test_provider(name: str, model: str | None) -> int:
+    """Send one tiny comparison to a configured provider; print latency and usage, or the error."""
+    from contracts import ProviderName
+    from worker.errors import ProviderError
+    from worker.providers import build_provider
+    from worker.providers.base import DEFAULT_SYSTEM_PROMPT, ComparisonCall
+    from worker.settings import ProviderSettings
+
+    try:
+        provider = build_provider(ProviderName(name), ProviderSettings())
+    except ValueError:
+        print(f"unknown provider {name!r}", file=sys.stderr)
+        return 2
+    if provider is None:
+        print(f"{name}: not configured (set its API key)", file=sys.stderr)
+        return 2
+    essay_a, essay_b = SAMPLE_ESSAYS[0]
+    call = ComparisonCall(
+        provider=name,
+        model=model or provider.default_model,
+        system_prompt=DEFAULT_SYSTEM_PROMPT,
+        user_prompt=f"Essay A:\n{essay_a}\n\nEssay B:\n{essay_b}",
+    )
+    t0 = time.perf_counter()
+    try:
+        answer = await provider.compare(call)
+    except ProviderError as exc:
+        details = {k: v for k, v in exc.details.items() if k != "usage"}
+        print(
+            f"{name} {call.model}: {exc.code.value} after {(time.perf_counter() - t0) * 1000:.0f} ms: "
+            f"{exc.message} {details}"
+        )
+        return 1
+    finally:
+        await provider.aclose()
+    print(
+        f"{name} {call.model}: {answer.winner} (confidence {answer.confidence}) in "
+        f"{(time.perf_counter() - t0) * 1000:.0f} ms; usage {answer.usage.model_dump()}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-worker")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     p_send.add_argument("--bypass-cache", action="store_true")
     p_topics = sub.add_parser("topics", help="topic management")
     p_topics.add_argument("action", choices=["create"])
+    p_providers = sub.add_parser("providers", help="check a real provider with one tiny comparison")
+    p_providers.add_argument("action", choices=["test"])
+    p_providers.add_argument("name", help="openai, anthropic, google, openrouter or openai_compatible")
+    p_providers.add_argument("--model", default=None)
+    p_fake = sub.add_parser("fake-server", help="serve the fake provider APIs on loopback")
+    p_fake.add_argument("--port", type=int, default=8099)
+    p_fake.add_argument("--latency-ms", type=float, default=0.0)
+    p_fake.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -161,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(send(KafkaSettings(), args.count, args.timeout, args.bypass_cache))
     if args.command == "topics":
         asyncio.run(create_topics(KafkaSettings()))
+        return 0
+    if args.command == "providers":
+        return asyncio.run(test_provider(args.name, args.model))
+    if args.command == "fake-server":
+        from worker.fake_server import serve
+
+        try:
+            asyncio.run(serve(args.port, args.latency_ms, args.host))
+        except KeyboardInterrupt:
+            pass
         return 0
     return 2
 

@@ -3,10 +3,10 @@ README's settings table; the env name is the field name upper-cased."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts import ProviderName, Topics
@@ -77,6 +77,36 @@ class MockSettings(BaseSettings):
     mock_winner: Literal["auto", "Essay A", "Essay B"] = "auto"
 
 
+class ProviderSettings(BaseSettings):
+    """Real LLM providers and their shared HTTP settings. A provider is configured only when its API key
+    is set; base URLs include the API version prefix the provider's SDK uses (OpenAI-style: `.../v1`)."""
+
+    model_config = _CONFIG
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_default_model: str = "gpt-4.1-mini"
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_default_model: str = "claude-haiku-4-5"
+    anthropic_version: str = "2023-06-01"
+    gemini_api_key: SecretStr | None = None
+    gemini_base_url: str = "https://generativelanguage.googleapis.com"
+    gemini_default_model: str = "gemini-2.5-flash"
+    openrouter_api_key: SecretStr | None = None
+    openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    openrouter_default_model: str = "openai/gpt-4.1-mini"
+    openrouter_referer: str = "https://github.com/huleedu/llm-provider-worker"
+    openrouter_title: str = "LLM Provider Worker"
+    openai_compatible_api_key: SecretStr | None = None
+    openai_compatible_base_url: str | None = None
+    openai_compatible_default_model: str = "default"
+    http_connect_timeout_s: float = Field(default=5.0, gt=0)
+    http_read_timeout_s: float = Field(default=120.0, gt=0)
+    http_max_connections: int = Field(default=1000, ge=1, description="Connection pool size per provider.")
+    http_keepalive_expiry_s: float = Field(default=30.0, ge=0)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     kafka: KafkaSettings
@@ -84,6 +114,7 @@ class Settings:
     flow: FlowSettings
     service: ServiceSettings
     mock: MockSettings
+    providers: ProviderSettings = field(default_factory=ProviderSettings)
 
 
 def load_settings() -> Settings:

@@ -1,0 +1,214 @@
+"""Issue 4: the one classification of provider HTTP failures (status + body + headers, and no-answer)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from contracts import ErrorCode
+from worker.errors import ProviderError
+from worker.providers.http import classify_error, make_client, post_json
+from worker.settings import ProviderSettings
+
+from .fake_providers import fake_server
+
+OPENAI_429 = {
+    "error": {
+        "message": "Rate limit reached",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
+ANTHROPIC_529 = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+GEMINI_429 = {
+    "error": {
+        "code": 429,
+        "message": "Resource has been exhausted",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "12s"}],
+    }
+}
+
+
+def body(doc: object) -> bytes:
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_401_and_403_are_authentication_errors_and_not_retryable(status: int) -> None:
+    err = classify_error(
+        "openai", status, body({"error": {"message": "bad key", "code": "invalid_api_key"}}), {}
+    )
+    assert err.code is ErrorCode.AUTHENTICATION_ERROR
+    assert err.retryable is False
+    assert err.details["http_status"] == status
+    assert err.details["provider_error_type"] == "invalid_api_key"
+
+
+def test_gemini_invalid_key_400_is_an_authentication_error() -> None:
+    doc = {
+        "error": {
+            "code": 400,
+            "message": "API key not valid. Please pass a valid API key.",
+            "status": "INVALID_ARGUMENT",
+            "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}],
+        }
+    }
+    err = classify_error("google", 400, body(doc), {})
+    assert err.code is ErrorCode.AUTHENTICATION_ERROR
+    assert err.details["provider_error_type"] == "INVALID_ARGUMENT:API_KEY_INVALID"
+
+
+@pytest.mark.parametrize(
+    ("provider", "doc"),
+    [
+        (
+            "openai",
+            {
+                "error": {
+                    "message": "maximum context length is 128000 tokens",
+                    "code": "context_length_exceeded",
+                }
+            },
+        ),
+        (
+            "anthropic",
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "prompt is too long: 210000 tokens > 200000 maximum",
+                },
+            },
+        ),
+        (
+            "google",
+            {
+                "error": {
+                    "code": 400,
+                    "message": "The input token count (2100000) exceeds the maximum number of tokens "
+                    "allowed (1048576).",
+                    "status": "INVALID_ARGUMENT",
+                }
+            },
+        ),
+    ],
+)
+def test_400_context_length_is_content_too_long(provider: str, doc: dict[str, object]) -> None:
+    err = classify_error(provider, 400, body(doc), {})
+    assert err.code is ErrorCode.CONTENT_TOO_LONG
+    assert err.retryable is False
+
+
+def test_anthropic_413_request_too_large_is_content_too_long() -> None:
+    doc = {
+        "type": "error",
+        "error": {"type": "request_too_large", "message": "Request exceeds the maximum size"},
+    }
+    assert classify_error("anthropic", 413, body(doc), {}).code is ErrorCode.CONTENT_TOO_LONG
+
+
+def test_other_400_is_a_validation_error_and_404_a_configuration_error() -> None:
+    bad = body({"error": {"message": "Invalid value for temperature", "code": "invalid_value"}})
+    assert classify_error("openai", 400, bad, {}).code is ErrorCode.VALIDATION_ERROR
+    missing = body({"type": "error", "error": {"type": "not_found_error", "message": "model: claude-x"}})
+    assert classify_error("anthropic", 404, missing, {}).code is ErrorCode.CONFIGURATION_ERROR
+
+
+def test_429_is_rate_limit_with_retry_after_seconds() -> None:
+    err = classify_error("openai", 429, body(OPENAI_429), {"retry-after": "20"})
+    assert err.code is ErrorCode.RATE_LIMIT
+    assert err.retryable is True
+    assert err.retry_after_s == 20.0
+    assert err.details["provider_error_type"] == "rate_limit_exceeded"
+
+
+def test_retry_after_ms_wins_over_retry_after() -> None:
+    err = classify_error("openai", 429, body(OPENAI_429), {"retry-after-ms": "1500", "retry-after": "2"})
+    assert err.retry_after_s == 1.5
+
+
+def test_retry_after_as_http_date_is_seconds_from_now() -> None:
+    err = classify_error("anthropic", 429, b"", {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert err.retry_after_s == 0.0
+
+
+def test_gemini_retry_info_delay_is_used_without_a_retry_after_header() -> None:
+    err = classify_error("google", 429, body(GEMINI_429), {})
+    assert err.code is ErrorCode.RATE_LIMIT
+    assert err.retry_after_s == 12.0
+
+
+def test_429_for_a_spent_quota_is_not_retryable() -> None:
+    doc = {
+        "error": {
+            "message": "You exceeded your current quota",
+            "type": "insufficient_quota",
+            "code": "insufficient_quota",
+        }
+    }
+    err = classify_error("openai", 429, body(doc), {})
+    assert err.code is ErrorCode.RATE_LIMIT
+    assert err.retryable is False
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 529])
+def test_5xx_and_529_are_retryable_external_service_errors(status: int) -> None:
+    err = classify_error("anthropic", status, body(ANTHROPIC_529), {})
+    assert err.code is ErrorCode.EXTERNAL_SERVICE_ERROR
+    assert err.retryable is True
+    assert err.details["http_status"] == status
+
+
+def test_a_non_json_error_body_is_still_classified_by_status() -> None:
+    err = classify_error("openai", 502, b"<html>Bad Gateway</html>", {})
+    assert err.code is ErrorCode.EXTERNAL_SERVICE_ERROR
+    assert err.details["provider_error_type"] is None
+    assert "Bad Gateway" in err.message
+
+
+async def test_an_httpx_timeout_is_timeout() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    client = httpx.AsyncClient(base_url="http://provider", transport=httpx.MockTransport(handler))
+    with pytest.raises(ProviderError) as caught:
+        await post_json(client, "openai", "/chat/completions", {})
+    assert caught.value.code is ErrorCode.TIMEOUT
+    assert caught.value.retryable is True
+
+
+async def test_a_slow_answer_over_the_read_timeout_is_timeout_on_the_aiohttp_transport() -> None:
+    async with fake_server(slow_ms=600) as (server, url):
+        client = make_client(ProviderSettings(http_read_timeout_s=0.2), url, {})
+        server.enqueue("slow")
+        with pytest.raises(ProviderError) as caught:
+            await post_json(client, "openai", "/v1/chat/completions", {"model": "m", "messages": []})
+        await client.aclose()
+    assert caught.value.code is ErrorCode.TIMEOUT
+
+
+async def test_a_refused_connection_is_connection_error_not_timeout() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    client = make_client(ProviderSettings(), f"http://127.0.0.1:{port}", {})
+    with pytest.raises(ProviderError) as caught:
+        await post_json(client, "openai", "/v1/chat/completions", {})
+    await client.aclose()
+    assert caught.value.code is ErrorCode.CONNECTION_ERROR
+    assert caught.value.retryable is True
+
+
+async def test_a_server_that_hangs_up_is_connection_error() -> None:
+    async with fake_server() as (server, url):
+        client = make_client(ProviderSettings(), url, {})
+        server.enqueue("hangup")
+        with pytest.raises(ProviderError) as caught:
+            await post_json(client, "anthropic", "/v1/messages", {"model": "m"})
+        await client.aclose()
+    assert caught.value.code is ErrorCode.CONNECTION_ERROR

@@ -1,0 +1,168 @@
+"""Issue 4: OpenAI, OpenRouter and openai_compatible over real HTTP against the fake provider server."""
+
+from __future__ import annotations
+
+import pytest
+
+from contracts import ErrorCode, ProviderName, TokenUsage
+from worker.errors import ProviderError
+from worker.providers import build_provider
+from worker.providers.openai import STRICT_SCHEMA
+
+from .fake_providers import fake_server, make_call, settings_for
+
+
+async def test_openai_request_has_path_bearer_auth_model_and_strict_json_schema() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        answer = await provider.compare(make_call("openai", "gpt-4.1-mini", temperature=0.2, max_tokens=300))
+        await provider.aclose()
+    [req] = server.requests
+    assert req.path == "/v1/chat/completions"
+    assert req.headers["authorization"] == "Bearer sk-openai"
+    assert req.body["model"] == "gpt-4.1-mini"
+    assert req.body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "essay_comparison", "strict": True, "schema": STRICT_SCHEMA},
+    }
+    assert req.body["messages"][0]["role"] == "system"
+    assert req.body["temperature"] == 0.2
+    assert req.body["max_tokens"] == 300
+    assert "reasoning_effort" not in req.body
+    assert answer.winner in ("Essay A", "Essay B")
+    assert answer.model == "gpt-4.1-mini"
+
+
+@pytest.mark.parametrize("model", ["o3-mini", "o4-mini", "gpt-5", "gpt-5-mini"])
+async def test_reasoning_models_get_max_completion_tokens_and_effort_and_no_temperature(model: str) -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        call = make_call("openai", model, temperature=0.5, max_tokens=2000, reasoning_effort="low")
+        answer = await provider.compare(call)
+        await provider.aclose()
+    body = server.requests[0].body
+    assert body["max_completion_tokens"] == 2000
+    assert body["reasoning_effort"] == "low"
+    assert "temperature" not in body
+    assert "max_tokens" not in body
+    assert answer.usage.reasoning_tokens == 32
+
+
+async def test_openai_usage_includes_cached_and_reasoning_tokens() -> None:
+    async with fake_server() as (_, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        call = make_call("openai", "gpt-5-mini", system_prompt="A long shared rubric. " * 20)
+        first = await provider.compare(call)
+        second = await provider.compare(call)
+        await provider.aclose()
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens > 0
+    assert second.usage.reasoning_tokens == 32
+    assert second.usage.total_tokens == second.usage.prompt_tokens + second.usage.completion_tokens
+
+
+async def test_openrouter_sends_its_attribution_headers_on_its_path() -> None:
+    async with fake_server() as (server, url):
+        settings = settings_for(url, openrouter_referer="https://example.org", openrouter_title="Essays")
+        provider = build_provider(ProviderName.OPENROUTER, settings)
+        assert provider is not None
+        await provider.compare(make_call("openrouter", "openai/gpt-4.1-mini"))
+        await provider.aclose()
+    [req] = server.requests
+    assert req.path == "/api/v1/chat/completions"
+    assert req.headers["authorization"] == "Bearer sk-or"
+    assert req.headers["http-referer"] == "https://example.org"
+    assert req.headers["x-title"] == "Essays"
+    assert req.body["response_format"]["type"] == "json_schema"
+
+
+async def test_openrouter_uses_json_object_for_models_without_schema_support() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENROUTER, settings_for(url))
+        assert provider is not None
+        answer = await provider.compare(make_call("openrouter", "meta-llama/llama-3.3-70b-instruct"))
+        await provider.aclose()
+    body = server.requests[0].body
+    assert body["response_format"] == {"type": "json_object"}
+    assert "JSON object" in body["messages"][0]["content"]
+    assert answer.winner in ("Essay A", "Essay B")
+
+
+async def test_openrouter_reasoning_effort_goes_in_its_reasoning_object() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENROUTER, settings_for(url))
+        assert provider is not None
+        await provider.compare(make_call("openrouter", "openai/o4-mini", reasoning_effort="high"))
+        await provider.aclose()
+    body = server.requests[0].body
+    assert body["reasoning"] == {"effort": "high"}
+    assert "reasoning_effort" not in body
+
+
+async def test_openai_compatible_uses_its_own_base_url_and_key() -> None:
+    async with fake_server() as (server, url):
+        settings = settings_for(url, openai_compatible_default_model="qwen2.5-7b")
+        provider = build_provider(ProviderName.OPENAI_COMPATIBLE, settings)
+        assert provider is not None
+        await provider.compare(make_call("openai_compatible", provider.default_model))
+        await provider.aclose()
+    [req] = server.requests
+    assert req.path == "/v1/chat/completions"
+    assert req.headers["authorization"] == "Bearer sk-local"
+    assert req.body["model"] == "qwen2.5-7b"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "code", "billed"),
+    [
+        ("truncated", ErrorCode.PARSING_ERROR, True),
+        ("malformed", ErrorCode.PARSING_ERROR, True),
+        ("bad_answer", ErrorCode.PARSING_ERROR, True),
+        ("refused", ErrorCode.CONTENT_POLICY, True),
+        ("not_json", ErrorCode.PARSING_ERROR, False),
+        ("rate_limit", ErrorCode.RATE_LIMIT, False),
+        ("auth", ErrorCode.AUTHENTICATION_ERROR, False),
+        ("context_length", ErrorCode.CONTENT_TOO_LONG, False),
+        ("server_error", ErrorCode.EXTERNAL_SERVICE_ERROR, False),
+        ("overloaded", ErrorCode.EXTERNAL_SERVICE_ERROR, False),
+    ],
+)
+async def test_openai_failures_are_classified_and_billed_ones_carry_usage(
+    scenario: str, code: ErrorCode, billed: bool
+) -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        server.enqueue(scenario)
+        with pytest.raises(ProviderError) as caught:
+            await provider.compare(make_call("openai", "gpt-4.1-mini"))
+        await provider.aclose()
+    assert caught.value.code is code
+    assert isinstance(caught.value.details.get("usage"), TokenUsage) is billed
+
+
+async def test_truncated_output_is_not_retryable_and_reports_length() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        server.enqueue("truncated")
+        with pytest.raises(ProviderError) as caught:
+            await provider.compare(make_call("openai", "gpt-4.1-mini"))
+        await provider.aclose()
+    assert caught.value.retryable is False
+    assert caught.value.details["provider_error_type"] == "length"
+
+
+async def test_rate_limit_carries_retry_after_from_the_header() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        server.enqueue("rate_limit")
+        with pytest.raises(ProviderError) as caught:
+            await provider.compare(make_call("openai", "gpt-4.1-mini"))
+        await provider.aclose()
+    assert caught.value.retry_after_s == 7.0
+    assert caught.value.details["http_status"] == 429

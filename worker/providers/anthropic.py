@@ -1,0 +1,142 @@
+"""Anthropic Messages API: the answer comes as a forced tool call; prompt blocks become system/user content
+blocks with cache_control."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from contracts import ErrorCode, PromptBlock, TokenUsage
+from worker.errors import ProviderError
+from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
+from worker.providers.http import billed_failure, parse_billed_answer, post_json
+
+TOOL_NAME = "record_comparison"
+DEFAULT_MAX_TOKENS = 1024
+
+_TOOL = {
+    "name": TOOL_NAME,
+    "description": "Record which essay is better, why, and how confident you are.",
+    "input_schema": COMPARISON_SCHEMA,
+}
+
+
+def content_blocks(blocks: list[PromptBlock], min_ttl: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Text content blocks with cache breakpoints, and the shortest TTL used (for the next target).
+
+    Anthropic caches the prefix up to each block carrying cache_control, allows 4 breakpoints, and
+    requires longer-TTL breakpoints before shorter ones. So: cacheable 1h blocks first, then cacheable
+    5m blocks, then the rest (stable order within each group); one breakpoint at the end of each cached
+    group. When an earlier target (system) already used 5m, a later 1h group is cached for 5m instead."""
+    rank = {"1h": 0, "5m": 1}
+    ordered = sorted(blocks, key=lambda b: rank[b.ttl] if b.cacheable else 2)
+    out: list[dict[str, Any]] = []
+    shortest = min_ttl or "1h"
+    for i, block in enumerate(ordered):
+        item: dict[str, Any] = {"type": "text", "text": block.content}
+        nxt = ordered[i + 1] if i + 1 < len(ordered) else None
+        if block.cacheable and (nxt is None or not nxt.cacheable or nxt.ttl != block.ttl):
+            ttl = "5m" if shortest == "5m" else block.ttl
+            shortest = ttl
+            item["cache_control"] = {"type": "ephemeral", "ttl": ttl}
+        out.append(item)
+    return out, shortest
+
+
+class _Block(BaseModel):
+    type: str
+    name: str | None = None
+    input: Any = None
+
+
+class _Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int | None = 0
+    cache_read_input_tokens: int | None = 0
+
+    def normalised(self) -> TokenUsage:
+        """prompt_tokens counts every input token (uncached, cache writes, cache reads)."""
+        created, read = self.cache_creation_input_tokens or 0, self.cache_read_input_tokens or 0
+        prompt = self.input_tokens + created + read
+        return TokenUsage(
+            prompt_tokens=prompt,
+            completion_tokens=self.output_tokens,
+            total_tokens=prompt + self.output_tokens,
+            cached_tokens=read,
+        )
+
+
+class _Message(BaseModel):
+    model: str | None = None
+    content: list[_Block]
+    stop_reason: str | None = None
+    usage: _Usage | None = None
+
+
+class AnthropicProvider:
+    def __init__(self, default_model: str, client: httpx.AsyncClient, name: str = "anthropic") -> None:
+        self.name = name
+        self.default_model = default_model
+        self.client = client
+
+    def build_payload(self, call: ComparisonCall) -> dict[str, Any]:
+        system_blocks = [b for b in call.prompt_blocks if b.target == "system"]
+        user_blocks = [b for b in call.prompt_blocks if b.target == "user_content"]
+        shortest: str | None = None
+        system: str | list[dict[str, Any]] = call.system_prompt
+        # The orchestrator joins the system blocks into system_prompt unless an override replaced them.
+        if system_blocks and call.system_prompt == "\n\n".join(b.content for b in system_blocks):
+            system, shortest = content_blocks(system_blocks)
+        user: str | list[dict[str, Any]] = call.user_prompt
+        if user_blocks:
+            blocks, _ = content_blocks(user_blocks, shortest)
+            user = [*blocks, {"type": "text", "text": call.user_prompt}]
+        payload: dict[str, Any] = {
+            "model": call.model,
+            "max_tokens": call.max_tokens or DEFAULT_MAX_TOKENS,
+            "system": system,
+            "messages": [{"role": "user", "content": user}],
+            "tools": [_TOOL],
+            "tool_choice": {"type": "tool", "name": TOOL_NAME},
+        }
+        if call.temperature is not None:
+            if call.temperature > 1.0:
+                raise ProviderError(
+                    ErrorCode.VALIDATION_ERROR,
+                    "anthropic accepts temperature 0-1",
+                    provider=self.name,
+                    retryable=False,
+                )
+            payload["temperature"] = call.temperature
+        return payload
+
+    async def compare(self, call: ComparisonCall) -> Answer:
+        body = await post_json(self.client, self.name, "/v1/messages", self.build_payload(call))
+        return self.read_answer(body, call.model)
+
+    def read_answer(self, body: bytes, requested_model: str) -> Answer:
+        try:
+            message = _Message.model_validate_json(body)
+        except ValidationError as exc:
+            raise ProviderError(
+                ErrorCode.PARSING_ERROR, "response is not a message", provider=self.name
+            ) from exc
+        usage = message.usage.normalised() if message.usage else TokenUsage()
+        if message.stop_reason == "max_tokens":
+            raise billed_failure(
+                ErrorCode.PARSING_ERROR, self.name, "output truncated at max_tokens", "max_tokens", usage
+            )
+        if message.stop_reason == "refusal":
+            raise billed_failure(ErrorCode.CONTENT_POLICY, self.name, "model refused", "refusal", usage)
+        tool = next((b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME), None)
+        if tool is None:
+            raise billed_failure(
+                ErrorCode.PARSING_ERROR, self.name, "no tool call in the answer", "no_tool_use", usage
+            )
+        return parse_billed_answer(tool.input, requested_model, usage, self.name)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

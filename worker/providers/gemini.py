@@ -1,0 +1,137 @@
+"""Google Gemini generateContent: systemInstruction, JSON output constrained by responseSchema."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from contracts import ErrorCode, TokenUsage
+from worker.errors import ProviderError
+from worker.providers.base import Answer, ComparisonCall
+from worker.providers.http import billed_failure, parse_billed_answer, post_json
+
+#: The comparison schema in Gemini's Schema dialect (OpenAPI subset: upper-case types, no
+#: additionalProperties, explicit property order).
+RESPONSE_SCHEMA: dict[str, Any] = {
+    "type": "OBJECT",
+    "properties": {
+        "winner": {"type": "STRING", "enum": ["Essay A", "Essay B"]},
+        "justification": {"type": "STRING", "maxLength": 500},
+        "confidence": {"type": "NUMBER", "minimum": 1, "maximum": 5},
+    },
+    "required": ["winner", "justification", "confidence"],
+    "propertyOrdering": ["winner", "justification", "confidence"],
+}
+
+#: finishReason values that mean the content was refused.
+_REFUSED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
+
+
+class _Part(BaseModel):
+    text: str | None = None
+    thought: bool | None = None
+
+
+class _Content(BaseModel):
+    parts: list[_Part] = []
+
+
+class _Candidate(BaseModel):
+    content: _Content | None = None
+    finishReason: str | None = None
+
+
+class _Feedback(BaseModel):
+    blockReason: str | None = None
+
+
+class _Usage(BaseModel):
+    promptTokenCount: int = 0
+    candidatesTokenCount: int = 0
+    cachedContentTokenCount: int = 0
+    thoughtsTokenCount: int = 0
+
+    def normalised(self) -> TokenUsage:
+        """Thought tokens are billed as output but not counted in candidatesTokenCount."""
+        completion = self.candidatesTokenCount + self.thoughtsTokenCount
+        return TokenUsage(
+            prompt_tokens=self.promptTokenCount,
+            completion_tokens=completion,
+            total_tokens=self.promptTokenCount + completion,
+            cached_tokens=self.cachedContentTokenCount,
+            reasoning_tokens=self.thoughtsTokenCount,
+        )
+
+
+class _Response(BaseModel):
+    candidates: list[_Candidate] = []
+    promptFeedback: _Feedback | None = None
+    usageMetadata: _Usage | None = None
+    modelVersion: str | None = None
+
+
+class GeminiProvider:
+    def __init__(self, default_model: str, client: httpx.AsyncClient, name: str = "google") -> None:
+        self.name = name
+        self.default_model = default_model
+        self.client = client
+
+    def build_payload(self, call: ComparisonCall) -> dict[str, Any]:
+        user_parts = [{"text": b.content} for b in call.prompt_blocks if b.target == "user_content"]
+        config: dict[str, Any] = {
+            "responseMimeType": "application/json",
+            "responseSchema": RESPONSE_SCHEMA,
+        }
+        if call.temperature is not None:
+            config["temperature"] = call.temperature
+        if call.max_tokens is not None:
+            config["maxOutputTokens"] = call.max_tokens
+        return {
+            "systemInstruction": {"parts": [{"text": call.system_prompt}]},
+            "contents": [{"role": "user", "parts": [*user_parts, {"text": call.user_prompt}]}],
+            "generationConfig": config,
+        }
+
+    async def compare(self, call: ComparisonCall) -> Answer:
+        path = f"/v1beta/models/{call.model}:generateContent"
+        body = await post_json(self.client, self.name, path, self.build_payload(call))
+        return self.read_answer(body, call.model)
+
+    def read_answer(self, body: bytes, requested_model: str) -> Answer:
+        try:
+            response = _Response.model_validate_json(body)
+        except ValidationError as exc:
+            raise ProviderError(
+                ErrorCode.PARSING_ERROR, "response is not a generateContent answer", provider=self.name
+            ) from exc
+        usage = response.usageMetadata.normalised() if response.usageMetadata else TokenUsage()
+        feedback = response.promptFeedback
+        if feedback is not None and feedback.blockReason:
+            raise billed_failure(
+                ErrorCode.CONTENT_POLICY, self.name, "prompt blocked", feedback.blockReason, usage
+            )
+        if not response.candidates:
+            raise billed_failure(ErrorCode.PARSING_ERROR, self.name, "no candidates", "no_candidates", usage)
+        candidate = response.candidates[0]
+        reason = candidate.finishReason
+        if reason in _REFUSED:
+            raise billed_failure(ErrorCode.CONTENT_POLICY, self.name, "answer blocked", reason, usage)
+        if reason == "MAX_TOKENS":
+            raise billed_failure(
+                ErrorCode.PARSING_ERROR, self.name, "output truncated at MAX_TOKENS", reason, usage
+            )
+        parts = candidate.content.parts if candidate.content else []
+        text = "".join(p.text for p in parts if p.text and not p.thought)
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise billed_failure(
+                ErrorCode.PARSING_ERROR, self.name, "answer is not JSON", None, usage
+            ) from exc
+        return parse_billed_answer(obj, requested_model, usage, self.name)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

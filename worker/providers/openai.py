@@ -1,0 +1,192 @@
+"""OpenAI Chat Completions, and every endpoint that speaks it: OpenRouter and any OpenAI-compatible base URL
+(vLLM, DeepSeek, Ollama, Together). Structured output via response_format json_schema (strict), or
+json_object where a model can't do schemas."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from contracts import ErrorCode, TokenUsage
+from worker.errors import ProviderError
+from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
+from worker.providers.http import billed_failure, parse_billed_answer, post_json
+
+#: The comparison schema in the strict-mode subset (no string length limits; parse_answer checks them).
+STRICT_SCHEMA: dict[str, Any] = {
+    **COMPARISON_SCHEMA,
+    "properties": {
+        "winner": {"type": "string", "enum": ["Essay A", "Essay B"]},
+        "justification": {"type": "string", "description": "At most 500 characters."},
+        "confidence": {"type": "number", "minimum": 1, "maximum": 5},
+    },
+}
+
+_JSON_OBJECT_INSTRUCTION = (
+    "\n\nAnswer with only a JSON object with the keys winner ('Essay A' or 'Essay B'), justification "
+    "(at most 500 characters) and confidence (a number from 1 to 5)."
+)
+
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+def is_reasoning_model(model: str) -> bool:
+    """o-series and gpt-5 family (OpenRouter's `openai/` prefix ignored): no temperature, reasoning
+    effort and max_completion_tokens instead."""
+    return model.rsplit("/", 1)[-1].startswith(_REASONING_PREFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIDialect:
+    """What differs between the endpoints on the OpenAI code path."""
+
+    #: "json_schema" always, "json_object" always, or "by_model": json_schema for model ids that start
+    #: with one of `json_schema_prefixes`, json_object otherwise (OpenRouter).
+    structured_output: Literal["json_schema", "json_object", "by_model"] = "json_schema"
+    json_schema_prefixes: tuple[str, ...] = ()
+    #: OpenRouter takes reasoning as {"reasoning": {"effort": ...}}; OpenAI as reasoning_effort.
+    reasoning_object: bool = False
+
+    def uses_json_schema(self, model: str) -> bool:
+        if self.structured_output == "by_model":
+            return model.startswith(self.json_schema_prefixes)
+        return self.structured_output == "json_schema"
+
+
+OPENAI = OpenAIDialect()
+OPENROUTER = OpenAIDialect(
+    structured_output="by_model",
+    json_schema_prefixes=("openai/", "google/", "anthropic/"),
+    reasoning_object=True,
+)
+
+
+class _Message(BaseModel):
+    content: str | None = None
+    refusal: str | None = None
+
+
+class _Choice(BaseModel):
+    message: _Message
+    finish_reason: str | None = None
+
+
+class _PromptDetails(BaseModel):
+    cached_tokens: int | None = 0
+
+
+class _CompletionDetails(BaseModel):
+    reasoning_tokens: int | None = 0
+
+
+class _Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+
+    def normalised(self) -> TokenUsage:
+        pd, cd = self.prompt_tokens_details, self.completion_tokens_details
+        return TokenUsage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.total_tokens or self.prompt_tokens + self.completion_tokens,
+            cached_tokens=(pd.cached_tokens or 0) if pd else 0,
+            reasoning_tokens=(cd.reasoning_tokens or 0) if cd else 0,
+        )
+
+
+class _Completion(BaseModel):
+    model: str | None = None
+    choices: list[_Choice]
+    usage: _Usage | None = None
+
+
+class OpenAIProvider:
+    """One Chat Completions endpoint. `client` carries base URL, auth and provider headers."""
+
+    def __init__(
+        self, name: str, default_model: str, client: httpx.AsyncClient, dialect: OpenAIDialect = OPENAI
+    ) -> None:
+        self.name = name
+        self.default_model = default_model
+        self.client = client
+        self.dialect = dialect
+
+    def build_payload(self, call: ComparisonCall) -> dict[str, Any]:
+        json_schema = self.dialect.uses_json_schema(call.model)
+        system = call.system_prompt if json_schema else call.system_prompt + _JSON_OBJECT_INSTRUCTION
+        user_blocks = [b.content for b in call.prompt_blocks if b.target == "user_content"]
+        payload: dict[str, Any] = {
+            "model": call.model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "\n\n".join([*user_blocks, call.user_prompt])},
+            ],
+        }
+        if json_schema:
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "essay_comparison", "strict": True, "schema": STRICT_SCHEMA},
+            }
+        else:
+            payload["response_format"] = {"type": "json_object"}
+        if is_reasoning_model(call.model):
+            if call.max_tokens is not None:
+                payload["max_completion_tokens"] = call.max_tokens
+            if call.reasoning_effort is not None:
+                if self.dialect.reasoning_object:
+                    payload["reasoning"] = {"effort": call.reasoning_effort}
+                else:
+                    payload["reasoning_effort"] = call.reasoning_effort
+            if call.output_verbosity is not None:
+                payload["verbosity"] = call.output_verbosity
+        else:
+            if call.temperature is not None:
+                payload["temperature"] = call.temperature
+            if call.max_tokens is not None:
+                payload["max_tokens"] = call.max_tokens
+        return payload
+
+    async def compare(self, call: ComparisonCall) -> Answer:
+        body = await post_json(self.client, self.name, "/chat/completions", self.build_payload(call))
+        return self.read_answer(body, call.model)
+
+    def read_answer(self, body: bytes, requested_model: str) -> Answer:
+        try:
+            completion = _Completion.model_validate_json(body)
+        except ValidationError as exc:
+            raise ProviderError(
+                ErrorCode.PARSING_ERROR, "response is not a chat completion", provider=self.name
+            ) from exc
+        usage = completion.usage.normalised() if completion.usage else TokenUsage()
+        if not completion.choices:
+            raise billed_failure(ErrorCode.PARSING_ERROR, self.name, "no choices", "no_choices", usage)
+        choice = completion.choices[0]
+        if choice.message.refusal or choice.finish_reason == "content_filter":
+            raise billed_failure(
+                ErrorCode.CONTENT_POLICY,
+                self.name,
+                "model refused",
+                "content_filter" if choice.finish_reason == "content_filter" else "refusal",
+                usage,
+            )
+        if choice.finish_reason == "length":
+            raise billed_failure(
+                ErrorCode.PARSING_ERROR, self.name, "output truncated at max tokens", "length", usage
+            )
+        try:
+            obj = json.loads(choice.message.content or "")
+        except ValueError as exc:
+            raise billed_failure(
+                ErrorCode.PARSING_ERROR, self.name, "answer is not JSON", None, usage
+            ) from exc
+        return parse_billed_answer(obj, requested_model, usage, self.name)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
