@@ -22,6 +22,7 @@ from worker.settings import (
     MockSettings,
     ProviderSettings,
     RedisSettings,
+    ResilienceSettings,
     ServiceSettings,
     Settings,
 )
@@ -57,6 +58,7 @@ def make_settings(prefix: str, partitions: int = 3, **overrides: Any) -> Setting
         "flow": FlowSettings,
         "service": ServiceSettings,
         "mock": MockSettings,
+        "resilience": ResilienceSettings,
         "providers": ProviderSettings,
     }
     base: dict[str, dict[str, Any]] = {
@@ -71,6 +73,7 @@ def make_settings(prefix: str, partitions: int = 3, **overrides: Any) -> Setting
         "flow": {"commit_interval_ms": 50, "shutdown_grace_seconds": 5, "rebalance_grace_seconds": 2},
         "service": {},
         "mock": {},
+        "resilience": {},
         "providers": {},
     }
     for key, value in overrides.items():

@@ -70,8 +70,8 @@ class Runtime:
             "providers built",
             extra={"providers": sorted(self.providers), "unconfigured": self.unconfigured_providers},
         )
-        orchestrator = Orchestrator(
-            self.providers, PriceTable.load(s.service.price_table_path), s.service.default_provider
+        orchestrator = Orchestrator.from_settings(
+            s, self.providers, PriceTable.load(s.service.price_table_path), self._redis
         )
         handler = Handler(
             orchestrator=orchestrator,

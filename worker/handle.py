@@ -94,7 +94,7 @@ class Handler:
                 call, error=RequestRejected(ErrorCode.EXPIRED, "deadline passed before pick-up")
             )
         else:
-            outcome = await self.orchestrator.run(call, deadline_s)
+            outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
         cache = "bypass" if request.cache.value == "bypass" else "miss"
         return self._events(job, outcome, int((time.perf_counter() - t0) * 1000), cache)
 
@@ -109,6 +109,12 @@ class Handler:
             cache=cache,
             attempts=len(outcome.attempts),
         )
+        if outcome.answered_by is not None and outcome.answered_by.provider != call.provider:
+            metadata.update(
+                answered_by_provider=outcome.answered_by.provider,
+                answered_by_model=answer.model if answer else outcome.answered_by.model,
+                attempted_providers=list(dict.fromkeys(a.provider for a in outcome.attempts)),
+            )
         cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
         if any(a.cost and not a.cost.price_known for a in outcome.attempts):
             metadata["price_known"] = False

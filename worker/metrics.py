@@ -25,3 +25,33 @@ REVOKED_CANCELLED = Counter(
     "llm_worker_revoked_cancelled_total", "In-flight requests abandoned on revocation or shutdown"
 )
 PRICE_UNKNOWN = Counter("llm_worker_price_unknown_total", "Calls to a model without a price", ["model"])
+BREAKER_STATE = Gauge(
+    "llm_worker_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", ["provider"]
+)
+BREAKER_TRANSITIONS = Counter(
+    "llm_worker_breaker_transitions_total", "Circuit breaker state changes", ["provider", "state"]
+)
+ATTEMPTS = Counter(
+    "llm_worker_provider_attempts_total",
+    "Provider attempts (retries and fallbacks included)",
+    ["provider", "kind"],
+)
+ATTEMPTS_PER_REQUEST = Histogram(
+    "llm_worker_attempts_per_request", "Real provider calls per request", buckets=(0, 1, 2, 3, 4, 5, 8)
+)
+FALLBACKS = Counter(
+    "llm_worker_fallbacks_total", "Requests moved to the next provider", ["from_provider", "to"]
+)
+LIMIT_WAIT = Histogram(
+    "llm_worker_rate_limit_wait_seconds",
+    "Time a call waited for rate-limit or concurrency capacity",
+    ["provider"],
+    buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 15, 60),
+)
+LIMIT_REJECTED = Counter(
+    "llm_worker_rate_limit_rejected_total", "Calls refused: no capacity before the deadline", ["provider"]
+)
+LIMITER_DEGRADED = Gauge(
+    "llm_worker_rate_limiter_degraded", "1 while the shared (Redis) limiter is down and a local share is used"
+)
+LIMITER_REDIS_ERRORS = Counter("llm_worker_rate_limiter_redis_errors_total", "Shared limiter Redis errors")

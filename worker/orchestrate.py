@@ -1,17 +1,36 @@
-"""Request -> provider call -> outcome: route, call, account. (Retries, breakers and limits plug in here.)"""
+"""Request -> provider call -> outcome: route -> (per provider in the chain) breaker -> limit -> retry ->
+provider -> account.
+
+One Attempt is recorded per real provider call (so cost tracking is one event per real call); a call the
+breaker or the limiter refused never reached a provider and records none.
+
+Retries (tenacity) stay on one provider: exponential backoff with full jitter, a provider's Retry-After
+honoured up to `retry_after_cap_s`, only retryable codes, a PARSING_ERROR retried at most once, at most
+`max_attempts` per provider and `attempt_budget` per request, and never a wait that ends past the
+deadline. When fallback is allowed (by the request or by configuration) a retryable failure or an open
+breaker moves the request to the next provider of the chain, at that provider's default model.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+
+from redis.asyncio import Redis
+from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from contracts import ErrorCode, LLMComparisonRequestV1, ProviderName, TokenUsage, utc_now
 from worker import metrics
+from worker.breaker import BreakerPolicy, Breakers, CircuitBreaker
 from worker.errors import ProviderError, RequestRejected, WorkerError
+from worker.limits import Limiter, estimate_tokens, parse_limits
 from worker.pricing import Cost, PriceTable
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, Answer, ComparisonCall, Provider
+from worker.routing import Router, Strategy, provider_for_model
+from worker.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,20 +52,117 @@ class CallOutcome:
     answer: Answer | None = None
     error: WorkerError | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    #: The call that produced the answer: `call` itself, or a fallback provider's.
+    answered_by: ComparisonCall | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    attempt_budget: int = 6
+    base_s: float = 0.5
+    max_wait_s: float = 20.0
+    retry_after_cap_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPolicy:
+    #: Providers tried, in the router's order, after the resolved one.
+    chain: tuple[str, ...] = ()
+    #: Fall back even when the request did not ask for it.
+    always: bool = False
+
+
+def should_retry(error: BaseException | None, attempts_so_far: Sequence[Attempt]) -> bool:
+    """The one retry decision: same provider, same call, worth another try?"""
+    if not isinstance(error, WorkerError) or not error.retryable:
+        return False
+    if error.code in (ErrorCode.PROVIDER_UNAVAILABLE, ErrorCode.EXPIRED) or "limiter" in error.details:
+        return False  # the breaker is open / time is up / the limiter already waited all it could
+    if error.code is ErrorCode.PARSING_ERROR:
+        return sum(a.error_code is ErrorCode.PARSING_ERROR for a in attempts_so_far) < 2
+    return True
+
+
+def falls_back(error: WorkerError) -> bool:
+    return error.retryable and error.code is not ErrorCode.EXPIRED
 
 
 class Orchestrator:
-    def __init__(self, providers: dict[str, Provider], prices: PriceTable, default_provider: ProviderName):
+    def __init__(
+        self,
+        providers: dict[str, Provider],
+        prices: PriceTable,
+        default_provider: ProviderName,
+        *,
+        router: Router | None = None,
+        breakers: Breakers | None = None,
+        limiter: Limiter | None = None,
+        retry: RetryPolicy | None = None,
+        fallback: FallbackPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.providers = providers
         self.prices = prices
         self.default_provider = default_provider.value
+        self.router = router or Router(Strategy.PRIORITY, prices)
+        self.breakers = breakers or Breakers(BreakerPolicy(), clock)
+        self.limiter = limiter
+        self.retry = retry or RetryPolicy()
+        self.fallback = fallback or FallbackPolicy()
+        self.clock = clock
+        self.sleep = sleep
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, providers: dict[str, Provider], prices: PriceTable, redis: Redis | None
+    ) -> Orchestrator:
+        r = settings.resilience
+        return cls(
+            providers,
+            prices,
+            settings.service.default_provider,
+            router=Router(Strategy(r.routing_strategy), prices),
+            breakers=Breakers(
+                BreakerPolicy(
+                    r.breaker_failure_threshold,
+                    r.breaker_window_s,
+                    r.breaker_recovery_s,
+                    r.breaker_half_open_probes,
+                )
+            ),
+            limiter=Limiter(
+                redis,
+                parse_limits(r.rate_limits),
+                settings.redis.redis_key_prefix,
+                r.expected_replicas,
+                r.rate_limit_max_wait_s,
+            )
+            if r.rate_limits
+            else None,
+            retry=RetryPolicy(
+                r.retry_max_attempts,
+                r.retry_attempt_budget,
+                r.retry_base_s,
+                r.retry_max_wait_s,
+                r.retry_after_cap_s,
+            ),
+            fallback=FallbackPolicy(r.chain, r.fallback_enabled),
+        )
 
     def resolve(self, request: LLMComparisonRequestV1) -> ComparisonCall:
         """Pick provider and model, and fix every input that changes the answer."""
         o = request.llm_config_overrides
-        provider_name = o.provider_override.value if o and o.provider_override else self.default_provider
+        model_override = o.model_override if o else None
+        if o and o.provider_override:
+            provider_name = o.provider_override.value
+        elif model_override and (by_model := provider_for_model(model_override)):
+            provider_name = by_model
+        else:
+            provider_name = self._pick_default()
         provider = self.providers.get(provider_name)
-        model = (o.model_override if o else None) or (provider.default_model if provider else "")
+        model = model_override or (provider.default_model if provider else "")
         system = [b.content for b in request.prompt_blocks or () if b.target == "system"]
         return ComparisonCall(
             provider=provider_name,
@@ -62,44 +178,166 @@ class Orchestrator:
             output_verbosity=o.output_verbosity if o else None,
         )
 
-    async def run(self, call: ComparisonCall, deadline_s: float | None) -> CallOutcome:
-        """Call the provider once, bounded by the deadline (a monotonic time). Never raises WorkerError."""
+    def _pick_default(self) -> str:
+        names = dict.fromkeys((self.default_provider, *self.fallback.chain))
+        eligible = [(p, self.providers[p].default_model) for p in names if p in self.providers]
+        return self.router.order(eligible)[0][0] if eligible else self.default_provider
+
+    async def run(
+        self, call: ComparisonCall, deadline_s: float | None, allow_fallback: bool = False
+    ) -> CallOutcome:
+        """Answer the call, bounded by the deadline (a monotonic time). Never raises WorkerError."""
         outcome = CallOutcome(call)
+        for i, candidate in enumerate(self._candidates(call, allow_fallback or self.fallback.always)):
+            if i:
+                metrics.FALLBACKS.labels(
+                    outcome.attempts[-1].provider if outcome.attempts else call.provider, candidate.provider
+                ).inc()
+            error = await self._run_provider(candidate, deadline_s, outcome)
+            outcome.error = error
+            if error is None:
+                outcome.answered_by = candidate
+                break
+            if not falls_back(error) or len(outcome.attempts) >= self.retry.attempt_budget:
+                break
+        metrics.ATTEMPTS_PER_REQUEST.observe(len(outcome.attempts))
+        return outcome
+
+    def _candidates(self, call: ComparisonCall, fallback: bool) -> list[ComparisonCall]:
+        if not fallback:
+            return [call]
+        others = [
+            (p, self.providers[p].default_model)
+            for p in dict.fromkeys(self.fallback.chain)
+            if p != call.provider and p in self.providers
+        ]
+        return [call] + [replace(call, provider=p, model=m) for p, m in self.router.order(others)]
+
+    async def _run_provider(
+        self, call: ComparisonCall, deadline_s: float | None, outcome: CallOutcome
+    ) -> WorkerError | None:
+        """Call one provider with retries; the answer lands in outcome, the last error is returned."""
         provider = self.providers.get(call.provider)
         if provider is None:
-            outcome.error = RequestRejected(
+            return RequestRejected(
                 ErrorCode.CONFIGURATION_ERROR,
                 f"provider {call.provider!r} is not configured",
                 provider=call.provider,
             )
-            return outcome
+        breaker = self.breakers[call.provider]
+        first = len(outcome.attempts)
+        retrying = AsyncRetrying(
+            retry=lambda rs: should_retry(_exception(rs), outcome.attempts[first:]),
+            wait=self._wait,
+            stop=lambda rs: self._stop(rs, deadline_s, outcome),
+            sleep=self.sleep,
+            before_sleep=lambda rs: metrics.ATTEMPTS.labels(call.provider, "retry").inc(),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    outcome.answer = await self._attempt(provider, call, breaker, deadline_s, outcome)
+        except WorkerError as exc:
+            return exc
+        return None
+
+    def _wait(self, rs: RetryCallState) -> float:
+        """Full-jitter exponential backoff, or the provider's Retry-After (capped) when it sent one."""
+        error = _exception(rs)
+        retry_after = error.retry_after_s if isinstance(error, WorkerError) else None
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.retry.retry_after_cap_s)
+        return float(wait_random_exponential(multiplier=self.retry.base_s, max=self.retry.max_wait_s)(rs))
+
+    def _stop(self, rs: RetryCallState, deadline_s: float | None, outcome: CallOutcome) -> bool:
+        if rs.attempt_number >= self.retry.max_attempts:
+            return True
+        if len(outcome.attempts) >= self.retry.attempt_budget:
+            return True
+        return deadline_s is not None and self.clock() + (rs.upcoming_sleep or 0.0) >= deadline_s
+
+    async def _attempt(
+        self,
+        provider: Provider,
+        call: ComparisonCall,
+        breaker: CircuitBreaker,
+        deadline_s: float | None,
+        outcome: CallOutcome,
+    ) -> Answer:
+        """One pass through breaker, limiter and provider. Raises the call's WorkerError."""
+        if deadline_s is not None and self.clock() >= deadline_s:
+            raise RequestRejected(ErrorCode.EXPIRED, "deadline passed before the provider was called")
+        if not breaker.try_acquire():
+            metrics.ATTEMPTS.labels(call.provider, "breaker_open").inc()
+            raise ProviderError(
+                ErrorCode.PROVIDER_UNAVAILABLE, "circuit breaker open: failing fast", provider=call.provider
+            )
+        try:
+            grant = (
+                await self.limiter.acquire(call.provider, call.model, estimate_tokens(call), deadline_s)
+                if self.limiter is not None
+                else None
+            )
+        except BaseException:
+            breaker.release()
+            raise
+        answer: Answer | None = None
+        error: WorkerError | None = None
         started_at, t0 = utc_now(), time.perf_counter()
         try:
-            async with asyncio.timeout_at(_loop_deadline(deadline_s)):
-                outcome.answer = await provider.compare(call)
+            async with asyncio.timeout_at(_loop_deadline(deadline_s, self.clock)):
+                answer = await provider.compare(call)
         except TimeoutError:
-            outcome.error = RequestRejected(
-                ErrorCode.EXPIRED, "deadline passed while waiting for the provider"
-            )
+            error = RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for the provider")
         except WorkerError as exc:
-            outcome.error = exc
-        duration_s = time.perf_counter() - t0
+            error = exc
+        finally:
+            duration_s = time.perf_counter() - t0
+            if answer is None and error is None:  # cancelled: not the provider's fault, nothing billed
+                breaker.release()
+                if grant is not None and self.limiter is not None:
+                    self.limiter.release_slots(grant)
+        usage = answer.usage if answer else _billed_usage(error)
+        if grant is not None and self.limiter is not None:
+            await self.limiter.settle(grant, usage.total_tokens if usage else None)
+        if error is not None and error.code is ErrorCode.EXPIRED:
+            breaker.release()
+        else:
+            breaker.record(error.code if error else None)
+            self.router.observe_latency(call.provider, duration_s)
+        self._account(call, answer, error, usage, started_at, duration_s, outcome)
+        if error is not None:
+            raise error
+        assert answer is not None
+        return answer
+
+    def _account(
+        self,
+        call: ComparisonCall,
+        answer: Answer | None,
+        error: WorkerError | None,
+        usage: TokenUsage | None,
+        started_at: datetime,
+        duration_s: float,
+        outcome: CallOutcome,
+    ) -> None:
         metrics.PROVIDER_LATENCY.labels(call.provider).observe(duration_s)
-        metrics.PROVIDER_CALLS.labels(call.provider, "ok" if outcome.answer else "error").inc()
-        usage = outcome.answer.usage if outcome.answer else _billed_usage(outcome.error)
-        cost = self._cost(outcome.answer.model if outcome.answer else call.model, usage) if usage else None
+        metrics.PROVIDER_CALLS.labels(call.provider, "ok" if answer else "error").inc()
+        metrics.ATTEMPTS.labels(call.provider, "call").inc()
+        model = answer.model if answer else call.model
+        cost = self._cost(model, usage) if usage else None
         outcome.attempts.append(
             Attempt(
                 call.provider,
-                outcome.answer.model if outcome.answer else call.model,
+                model,
                 started_at,
                 int(duration_s * 1000),
                 usage,
                 cost,
-                outcome.error.code if outcome.error else None,
+                error.code if error else None,
             )
         )
-        return outcome
 
     def _cost(self, model: str, usage: TokenUsage) -> Cost:
         cost = self.prices.cost(model, usage)
@@ -112,6 +350,10 @@ class Orchestrator:
             await provider.aclose()
 
 
+def _exception(rs: RetryCallState) -> BaseException | None:
+    return rs.outcome.exception() if rs.outcome is not None and rs.outcome.failed else None
+
+
 def _billed_usage(error: WorkerError | None) -> TokenUsage | None:
     """Usage the provider bills for a failed call (e.g. truncated output), when it reported any."""
     if isinstance(error, ProviderError):
@@ -120,7 +362,7 @@ def _billed_usage(error: WorkerError | None) -> TokenUsage | None:
     return None
 
 
-def _loop_deadline(deadline_s: float | None) -> float | None:
+def _loop_deadline(deadline_s: float | None, clock: Callable[[], float]) -> float | None:
     if deadline_s is None:
         return None
-    return asyncio.get_running_loop().time() + (deadline_s - time.monotonic())
+    return asyncio.get_running_loop().time() + (deadline_s - clock())

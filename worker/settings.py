@@ -107,6 +107,36 @@ class ProviderSettings(BaseSettings):
     http_keepalive_expiry_s: float = Field(default=30.0, ge=0)
 
 
+class ResilienceSettings(BaseSettings):
+    """Routing, fallback, retries, circuit breakers and rate limits of provider calls."""
+
+    model_config = _CONFIG
+
+    routing_strategy: Literal["priority", "round_robin", "least_cost", "latency"] = "priority"
+    fallback_chain: str = Field(default="", description="Comma-separated providers tried after the first.")
+    fallback_enabled: bool = Field(default=False, description="Fall back even if the request did not ask.")
+    retry_max_attempts: int = Field(default=3, ge=1, description="Calls per provider per request.")
+    retry_attempt_budget: int = Field(default=6, ge=1, description="Calls per request, all providers.")
+    retry_base_s: float = Field(default=0.5, gt=0)
+    retry_max_wait_s: float = Field(default=20.0, gt=0)
+    retry_after_cap_s: float = Field(default=30.0, ge=0, description="Longest Retry-After honoured.")
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_window_s: float = Field(default=60.0, gt=0)
+    breaker_recovery_s: float = Field(default=30.0, gt=0)
+    breaker_half_open_probes: int = Field(default=1, ge=1)
+    rate_limits: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description='JSON: {"openai": {"requests_per_minute": 500, "tokens_per_minute": 200000, '
+        '"max_concurrency": 50}, "openai:gpt-4.1": {...}}',
+    )
+    expected_replicas: int = Field(default=1, ge=1, description="Local share = limit / this, Redis down.")
+    rate_limit_max_wait_s: float = Field(default=120.0, ge=0, description="Wait for capacity, no deadline.")
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.fallback_chain.split(",") if p.strip())
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     kafka: KafkaSettings
@@ -115,6 +145,7 @@ class Settings:
     service: ServiceSettings
     mock: MockSettings
     providers: ProviderSettings = field(default_factory=ProviderSettings)
+    resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
 
 
 def load_settings() -> Settings:

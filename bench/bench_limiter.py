@@ -1,0 +1,88 @@
+"""Issue 6 benchmark: latency the shared (Redis) rate limiter adds per request at 1000 requests/s.
+
+Open loop: request i is started at t0 + i / rate; each measures acquire (one Lua call against the real
+Redis, taking a requests/minute and a tokens/minute window of a provider and of its model, so four
+windows) plus settle (the token correction, one more Lua call). Limits are set far above the offered load,
+so what is measured is the limiter's own cost, not waiting for capacity. Also measured for reference: the
+same schedule with no limit configured (event-loop scheduling only).
+
+Usage: python bench/bench_limiter.py [--rate 1000] [--seconds 10] [--runs 3] [--redis-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from worker.limits import Limit, Limiter
+
+HUGE = 10**9
+
+
+async def one_run(redis: Redis, rate: float, seconds: float, limited: bool) -> list[float]:
+    limits = (
+        {
+            "p": Limit(requests_per_minute=HUGE, tokens_per_minute=HUGE),
+            "p:m": Limit(requests_per_minute=HUGE, tokens_per_minute=HUGE),
+        }
+        if limited
+        else {}
+    )
+    limiter = Limiter(redis, limits, f"bench{uuid.uuid4().hex[:8]}")
+    added: list[float] = []
+
+    async def request() -> None:
+        t = time.perf_counter()
+        grant = await limiter.acquire("p", "m", 800)
+        await limiter.settle(grant, 650)
+        added.append(time.perf_counter() - t)
+
+    n = int(rate * seconds)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    tasks = []
+    for i in range(n):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(request()))
+    await asyncio.gather(*tasks)
+    return added
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    # As the worker builds it (worker/app.py): a blocking pool, so bursts wait for a connection.
+    redis = Redis.from_pool(BlockingConnectionPool.from_url(args.redis_url, max_connections=64, timeout=1.0))
+    await redis.ping()
+    await one_run(redis, args.rate, 1.0, True)  # warm up connections and the script cache
+    print(f"{'variant':<22}{'run':>4}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+    p99s: dict[str, list[float]] = {"shared limiter": [], "no limit (baseline)": []}
+    for run in range(1, args.runs + 1):
+        for name, limited in (("shared limiter", True), ("no limit (baseline)", False)):
+            added = await one_run(redis, args.rate, args.seconds, limited)
+            p50, p99 = pct(added, 0.50) * 1000, pct(added, 0.99) * 1000
+            p99s[name].append(p99)
+            print(f"{name:<22}{run:>4}{len(added):>10}{p50:>9.3f}{p99:>9.3f}{max(added) * 1000:>9.3f}")
+    for name, values in p99s.items():
+        print(f"median p99 {name}: {statistics.median(values):.3f} ms at {args.rate:.0f} requests/s")
+    await redis.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,119 @@
+"""Circuit breaker states with an injected clock."""
+
+from __future__ import annotations
+
+from contracts import ErrorCode
+from worker import metrics
+from worker.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+
+FAIL = ErrorCode.EXTERNAL_SERVICE_ERROR
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(clock: Clock, threshold: int = 3, window_s: float = 10, recovery_s: float = 5, probes: int = 1):
+    return CircuitBreaker("p", BreakerPolicy(threshold, window_s, recovery_s, probes), clock)
+
+
+def fail(b: CircuitBreaker, n: int, code: ErrorCode = FAIL) -> None:
+    for _ in range(n):
+        assert b.try_acquire()
+        b.record(code)
+
+
+def test_opens_after_threshold_failures_within_the_window() -> None:
+    b = breaker(Clock())
+    fail(b, 2)
+    assert b.state is BreakerState.CLOSED
+    fail(b, 1)
+    assert b.state is BreakerState.OPEN
+    assert not b.try_acquire()
+
+
+def test_failures_older_than_the_window_do_not_count() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, 2)
+    clock.now += 11
+    fail(b, 2)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_non_provider_failures_do_not_count() -> None:
+    b = breaker(Clock())
+    for code in (ErrorCode.PARSING_ERROR, ErrorCode.CONTENT_POLICY, ErrorCode.RATE_LIMIT):
+        fail(b, 3, code)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_open_becomes_half_open_after_recovery_time() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, 3)
+    clock.now += 4.9
+    assert b.state is BreakerState.OPEN
+    clock.now += 0.1
+    assert b.state is BreakerState.HALF_OPEN
+
+
+def test_half_open_lets_only_the_probe_count_through() -> None:
+    clock = Clock()
+    b = breaker(clock, probes=2)
+    fail(b, 3)
+    clock.now += 5
+    assert b.try_acquire()
+    assert b.try_acquire()
+    assert not b.try_acquire()
+
+
+def test_half_open_closes_when_all_probes_succeed() -> None:
+    clock = Clock()
+    b = breaker(clock, probes=2)
+    fail(b, 3)
+    clock.now += 5
+    assert b.try_acquire() and b.try_acquire()
+    b.record(None)
+    assert b.state is BreakerState.HALF_OPEN
+    b.record(None)
+    assert b.state is BreakerState.CLOSED
+    assert b.try_acquire()
+
+
+def test_half_open_probe_failure_opens_again_for_a_full_recovery_time() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, 3)
+    clock.now += 5
+    fail(b, 1)
+    assert b.state is BreakerState.OPEN
+    clock.now += 4.9
+    assert b.state is BreakerState.OPEN
+
+
+def test_released_probe_frees_its_slot() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    fail(b, 3)
+    clock.now += 5
+    assert b.try_acquire()
+    assert not b.try_acquire()
+    b.release()
+    assert b.try_acquire()
+
+
+def test_state_is_exported_as_a_gauge() -> None:
+    clock = Clock()
+    b = CircuitBreaker("gauge-test", BreakerPolicy(1, 10, 5, 1), clock)
+    gauge = metrics.BREAKER_STATE.labels("gauge-test")
+    assert gauge._value.get() == 0
+    fail(b, 1)
+    assert gauge._value.get() == 2
+    clock.now += 5
+    assert b.state is BreakerState.HALF_OPEN
+    assert gauge._value.get() == 1

@@ -1,0 +1,157 @@
+"""Rate limiter logic in process: local windows, waiting bounded by the deadline, token correction,
+FIFO concurrency, and the degraded local share when Redis is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from contracts import ErrorCode
+from tests.unit.fakes import FakeTime
+from worker import metrics
+from worker.errors import ProviderError
+from worker.limits import FifoSlots, Limit, Limiter, estimate_tokens
+from worker.providers.base import ComparisonCall
+
+
+def local_limiter(limits: dict[str, Limit], time_: FakeTime, replicas: int = 1) -> Limiter:
+    return Limiter(None, limits, "k", replicas, clock=time_, sleep=time_.sleep)
+
+
+async def test_requests_per_minute_admits_up_to_the_limit_then_waits_for_the_oldest_to_expire() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(requests_per_minute=3)}, t)
+    for _ in range(3):
+        await limiter.acquire("p", "m", 1)
+        t.now += 1
+    assert t.sleeps == []
+    await limiter.acquire("p", "m", 1)
+    assert t.sleeps == [pytest.approx(57.0)]
+
+
+async def test_waiting_for_capacity_is_refused_when_it_would_pass_the_deadline() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(requests_per_minute=1)}, t)
+    await limiter.acquire("p", "m", 1)
+    with pytest.raises(ProviderError) as caught:
+        await limiter.acquire("p", "m", 1, deadline_s=t.now + 30)
+    assert caught.value.code is ErrorCode.RATE_LIMIT and caught.value.details["limiter"] == "local"
+    assert t.sleeps == []
+
+
+async def test_tokens_estimate_is_corrected_with_real_usage() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(tokens_per_minute=1000)}, t)
+    grant = await limiter.acquire("p", "m", 600)
+    await limiter.settle(grant, 100)
+    await limiter.acquire("p", "m", 600)  # 100 + 600 fits; 600 + 600 would not
+    assert t.sleeps == []
+
+
+async def test_tokens_over_estimate_correction_holds_back_later_calls() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(tokens_per_minute=1000)}, t)
+    grant = await limiter.acquire("p", "m", 100)
+    await limiter.settle(grant, 900)
+    await limiter.acquire("p", "m", 200)
+    assert t.sleeps == [pytest.approx(60.0)]
+
+
+async def test_call_larger_than_the_limit_is_refused_at_once() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(tokens_per_minute=1000)}, t)
+    with pytest.raises(ProviderError):
+        await limiter.acquire("p", "m", 5000)
+    assert t.sleeps == []
+
+
+async def test_per_model_limit_applies_with_the_provider_limit() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(requests_per_minute=10), "p:big": Limit(requests_per_minute=1)}, t)
+    await limiter.acquire("p", "big", 1)
+    await limiter.acquire("p", "small", 1)
+    assert t.sleeps == []
+    await limiter.acquire("p", "big", 1)
+    assert len(t.sleeps) == 1
+
+
+async def test_unlimited_provider_is_not_held() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(requests_per_minute=1)}, t)
+    for _ in range(5):
+        await limiter.acquire("other", "m", 1)
+    assert t.sleeps == []
+
+
+async def test_fifo_slots_hand_freed_slots_in_arrival_order() -> None:
+    slots = FifoSlots(1)
+    await slots.acquire()
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await slots.acquire()
+        order.append(i)
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    for _ in range(3):
+        slots.release()
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2]
+
+
+async def test_fifo_slots_skip_a_cancelled_waiter() -> None:
+    slots = FifoSlots(1)
+    await slots.acquire()
+    first = asyncio.create_task(slots.acquire())
+    second = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    slots.release()
+    await asyncio.wait_for(second, 1)
+    assert slots.free == 0
+
+
+async def test_concurrency_wait_is_bounded_by_the_deadline() -> None:
+    limiter = Limiter(None, {"p": Limit(max_concurrency=1)}, "k")
+    grant = await limiter.acquire("p", "m", 1)
+    with pytest.raises(ProviderError):
+        await limiter.acquire("p", "m", 1, deadline_s=time.monotonic() + 0.05)
+    await limiter.settle(grant, None)
+    await asyncio.wait_for(limiter.acquire("p", "m", 1), 1)
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_redis_degrades_to_a_local_share_and_says_so() -> None:
+    t = FakeTime()
+    redis = Redis(
+        host="127.0.0.1", port=_dead_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    limiter = Limiter(redis, {"p": Limit(requests_per_minute=9)}, "k", 3, clock=t, sleep=t.sleep)
+    try:
+        for _ in range(3):
+            await limiter.acquire("p", "m", 1)
+        assert t.sleeps == [] and metrics.LIMITER_DEGRADED._value.get() == 1
+        await limiter.acquire("p", "m", 1)  # 9 / 3 replicas = 3 per minute here
+        assert t.sleeps == [pytest.approx(60.0)]
+    finally:
+        await redis.aclose()
+        metrics.LIMITER_DEGRADED.set(0)
+
+
+def test_token_estimate_counts_prompt_and_output_cap() -> None:
+    call = ComparisonCall("p", "m", "s" * 400, "u" * 400, max_tokens=50)
+    assert estimate_tokens(call) == 201 + 50

@@ -1,0 +1,100 @@
+"""Fallback chain and breaker in the orchestrator, with scripted providers and an injected clock/sleep."""
+
+from __future__ import annotations
+
+from contracts import ErrorCode, ProviderName
+from tests.unit.fakes import OK, FakeTime, Scripted, err
+from worker.breaker import BreakerPolicy, Breakers, BreakerState
+from worker.orchestrate import FallbackPolicy, Orchestrator, RetryPolicy
+from worker.pricing import PriceTable
+from worker.providers.base import ComparisonCall
+
+CALL = ComparisonCall(provider="p", model="p-big", system_prompt="s", user_prompt="u")
+E5XX = err(ErrorCode.EXTERNAL_SERVICE_ERROR, http_status=503)
+
+
+def make(*providers: Scripted, time: FakeTime, always: bool = False, threshold: int = 100) -> Orchestrator:
+    return Orchestrator(
+        {p.name: p for p in providers},  # type: ignore[misc]
+        PriceTable({}),
+        ProviderName.MOCK,
+        breakers=Breakers(BreakerPolicy(threshold, 60, 30, 1), time),
+        retry=RetryPolicy(max_attempts=2, attempt_budget=10, base_s=0.1),
+        fallback=FallbackPolicy(("p", "q", "r"), always),
+        clock=time,
+        sleep=time.sleep,
+    )
+
+
+async def test_no_fallback_unless_allowed() -> None:
+    time = FakeTime()
+    p, q = Scripted("p", E5XX), Scripted("q")
+    outcome = await make(p, q, time=time).run(CALL, None)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.EXTERNAL_SERVICE_ERROR
+    assert q.calls == [] and outcome.answered_by is None
+
+
+async def test_request_allowing_fallback_is_answered_by_the_next_provider() -> None:
+    time = FakeTime()
+    p, q = Scripted("p", E5XX), Scripted("q")
+    outcome = await make(p, q, time=time).run(CALL, None, allow_fallback=True)
+    assert outcome.error is None and outcome.answer is not None
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "q"
+    assert [(a.provider, a.model) for a in outcome.attempts] == [("p", "p-big")] * 2 + [("q", "q-model")]
+    assert q.calls[0].user_prompt == "u"
+
+
+async def test_configuration_can_enable_fallback_for_every_request() -> None:
+    time = FakeTime()
+    outcome = await make(Scripted("p", E5XX), Scripted("q"), time=time, always=True).run(CALL, None)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "q"
+
+
+async def test_chain_goes_on_until_a_provider_answers() -> None:
+    time = FakeTime()
+    p, q, r = Scripted("p", E5XX), Scripted("q", E5XX), Scripted("r")
+    outcome = await make(p, q, r, time=time).run(CALL, None, allow_fallback=True)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "r"
+    assert len(outcome.attempts) == 5
+
+
+async def test_non_retryable_failure_does_not_fall_back() -> None:
+    time = FakeTime()
+    q = Scripted("q")
+    outcome = await make(Scripted("p", err(ErrorCode.CONTENT_POLICY)), q, time=time).run(
+        CALL, None, allow_fallback=True
+    )
+    assert outcome.error is not None and outcome.error.code is ErrorCode.CONTENT_POLICY
+    assert q.calls == []
+
+
+async def test_open_breaker_fails_fast_without_calling_the_provider() -> None:
+    time = FakeTime()
+    p = Scripted("p", E5XX)
+    o = make(p, time=time, threshold=2)
+    await o.run(CALL, None)
+    assert o.breakers["p"].state is BreakerState.OPEN
+    outcome = await o.run(CALL, None)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.PROVIDER_UNAVAILABLE
+    assert outcome.attempts == [] and len(p.calls) == 2
+
+
+async def test_open_breaker_falls_back_when_allowed() -> None:
+    time = FakeTime()
+    p, q = Scripted("p", E5XX), Scripted("q")
+    o = make(p, q, time=time, threshold=2)
+    await o.run(CALL, None)
+    outcome = await o.run(CALL, None, allow_fallback=True)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "q"
+    assert [a.provider for a in outcome.attempts] == ["q"] and len(p.calls) == 2
+
+
+async def test_breaker_recovers_through_a_half_open_probe() -> None:
+    time = FakeTime()
+    p = Scripted("p", E5XX, E5XX, OK)
+    o = make(p, time=time, threshold=2)
+    await o.run(CALL, None)
+    time.now += 30
+    outcome = await o.run(CALL, None)
+    assert outcome.answer is not None
+    assert o.breakers["p"].state is BreakerState.CLOSED

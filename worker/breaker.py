@@ -1,0 +1,124 @@
+"""Per-provider circuit breaker: closed -> open after `failure_threshold` failures within `window_s`;
+open -> half-open after `recovery_s`; half-open lets `half_open_probes` calls through and closes when they
+all succeed, or opens again on the first failure. State is exported as a gauge (0 closed, 1 half-open,
+2 open). Only failures that say the provider is unhealthy count (see COUNTED); a refusal, a bad answer or
+our own deadline does not."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from contracts import ErrorCode
+from worker import metrics
+
+#: Codes that count as a provider failure for the breaker.
+COUNTED = frozenset({ErrorCode.TIMEOUT, ErrorCode.CONNECTION_ERROR, ErrorCode.EXTERNAL_SERVICE_ERROR})
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+
+_GAUGE_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    failure_threshold: int = 5
+    window_s: float = 60.0
+    recovery_s: float = 30.0
+    half_open_probes: int = 1
+
+
+class CircuitBreaker:
+    def __init__(
+        self, provider: str, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.provider = provider
+        self.policy = policy
+        self.clock = clock
+        self._state = BreakerState.CLOSED
+        self._failures: deque[float] = deque()
+        self._opened_at = 0.0
+        self._probes_out = 0
+        self._probes_ok = 0
+        self._publish()
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state is BreakerState.OPEN and self.clock() - self._opened_at >= self.policy.recovery_s:
+            self._move(BreakerState.HALF_OPEN)
+        return self._state
+
+    def try_acquire(self) -> bool:
+        """May a call go through now? In half-open this takes one probe slot; pair it with record/release."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if (
+            state is BreakerState.HALF_OPEN
+            and self._probes_out + self._probes_ok < self.policy.half_open_probes
+        ):
+            self._probes_out += 1
+            return True
+        return False
+
+    def record(self, code: ErrorCode | None) -> None:
+        """The call that try_acquire let through ended with `code` (None = success)."""
+        failed = code in COUNTED
+        if self._state is BreakerState.HALF_OPEN:
+            self._probes_out = max(0, self._probes_out - 1)
+            if failed:
+                self._open()
+            else:
+                self._probes_ok += 1
+                if self._probes_ok >= self.policy.half_open_probes:
+                    self._move(BreakerState.CLOSED)
+            return
+        if failed and self._state is BreakerState.CLOSED:
+            now = self.clock()
+            self._failures.append(now)
+            while self._failures and self._failures[0] <= now - self.policy.window_s:
+                self._failures.popleft()
+            if len(self._failures) >= self.policy.failure_threshold:
+                self._open()
+
+    def release(self) -> None:
+        """The call that try_acquire let through never reached the provider (or was cut by our deadline)."""
+        if self._state is BreakerState.HALF_OPEN:
+            self._probes_out = max(0, self._probes_out - 1)
+
+    def _open(self) -> None:
+        self._opened_at = self.clock()
+        self._move(BreakerState.OPEN)
+
+    def _move(self, state: BreakerState) -> None:
+        self._state = state
+        self._failures.clear()
+        self._probes_out = self._probes_ok = 0
+        metrics.BREAKER_TRANSITIONS.labels(self.provider, state.value).inc()
+        self._publish()
+
+    def _publish(self) -> None:
+        metrics.BREAKER_STATE.labels(self.provider).set(_GAUGE_VALUE[self._state])
+
+
+class Breakers:
+    """One breaker per provider, made on first use."""
+
+    def __init__(self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.clock = clock
+        self._by_provider: dict[str, CircuitBreaker] = {}
+
+    def __getitem__(self, provider: str) -> CircuitBreaker:
+        breaker = self._by_provider.get(provider)
+        if breaker is None:
+            breaker = self._by_provider[provider] = CircuitBreaker(provider, self.policy, self.clock)
+        return breaker
