@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from contracts import EventEnvelope, LLMComparisonRequestV1
 from worker.cli import create_topics
 from worker.settings import (
+    CacheSettings,
     FlowSettings,
     KafkaSettings,
     MockSettings,
@@ -25,6 +26,7 @@ from worker.settings import (
     ResilienceSettings,
     ServiceSettings,
     Settings,
+    SpendSettings,
 )
 
 BOOTSTRAP = "127.0.0.1:9092"
@@ -60,6 +62,8 @@ def make_settings(prefix: str, partitions: int = 3, **overrides: Any) -> Setting
         "mock": MockSettings,
         "resilience": ResilienceSettings,
         "providers": ProviderSettings,
+        "cache": CacheSettings,
+        "spend": SpendSettings,
     }
     base: dict[str, dict[str, Any]] = {
         "kafka": {
@@ -75,6 +79,8 @@ def make_settings(prefix: str, partitions: int = 3, **overrides: Any) -> Setting
         "mock": {},
         "resilience": {},
         "providers": {},
+        "cache": {},
+        "spend": {},
     }
     for key, value in overrides.items():
         owner = next(name for name, cls in groups.items() if key in cls.model_fields)

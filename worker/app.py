@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from prometheus_client import start_http_server
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from worker.cache import AnswerCache, RedisGuard
 from worker.consume import ConsumeLoop
 from worker.emit import Emitter
 from worker.handle import Handler
@@ -23,16 +24,19 @@ from worker.pricing import PriceTable
 from worker.providers import build_providers, unconfigured_providers
 from worker.providers.base import Provider
 from worker.settings import Settings, load_settings
+from worker.spend import SpendTracker
 
 log = logging.getLogger(__name__)
 
 
 def make_broker(settings: Settings) -> KafkaBroker:
+    """The FastStream broker hosts the app's lifecycle (CLI, signals, hooks). It subscribes to nothing and
+    publishes nothing: FastStream's subscriber awaits one message at a time and commits everything read,
+    so consume.py drives its own consumer and emit.py its own producer (see their docstrings)."""
     return KafkaBroker(
         settings.kafka.kafka_bootstrap_servers,
         client_id=settings.kafka.kafka_client_id,
-        acks="all",
-        linger_ms=1,
+        consumer_only=True,
         logger=None,
     )
 
@@ -48,6 +52,19 @@ class Runtime:
         self.loop: ConsumeLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._redis: Redis | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self.emitter: Emitter | None = None
+        self.redis_guard: RedisGuard | None = None
+        self.cache: AnswerCache | None = None
+
+    async def health(self) -> dict[str, str]:
+        """Readiness: "healthy", or "degraded" while Redis is unreachable (the cache answers from its
+        local layer, spend is not counted). Probes Redis when its retry time has come."""
+        if self.redis_guard is None or self._redis is None:
+            return {"status": "starting", "redis": "unknown"}
+        await self.redis_guard.probe(self._redis.ping)
+        status = self.redis_guard.status
+        return {"status": status, "redis": status}
 
     async def start(self) -> None:
         """Build resources and start consuming; the broker must be connected."""
@@ -59,11 +76,20 @@ class Runtime:
         pool = BlockingConnectionPool.from_url(
             s.redis.redis_url,
             max_connections=s.redis.redis_max_connections,
-            timeout=s.redis.redis_timeout_s,
+            timeout=s.redis.redis_pool_timeout_s,
             socket_timeout=s.redis.redis_timeout_s,
             socket_connect_timeout=s.redis.redis_timeout_s,
         )
         self._redis = Redis.from_pool(pool)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka.kafka_bootstrap_servers,
+            client_id=s.kafka.kafka_client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+        )
+        await self._producer.start()
+        self.emitter = Emitter(self._producer)
         self.providers = build_providers(s)
         self.unconfigured_providers = unconfigured_providers(s.providers)
         log.info(
@@ -73,12 +99,17 @@ class Runtime:
         orchestrator = Orchestrator.from_settings(
             s, self.providers, PriceTable.load(s.service.price_table_path), self._redis
         )
+        prefix = s.redis.redis_key_prefix
+        self.redis_guard = RedisGuard(s.cache.cache_redis_retry_s)
+        self.cache = AnswerCache(self._redis, s.cache, prefix, self.redis_guard)
         handler = Handler(
             orchestrator=orchestrator,
             outcomes=OutcomeStore(self._redis, s.redis.redis_key_prefix, s.redis.idempotency_ttl_s),
-            emitter=Emitter(self.broker),
+            emitter=self.emitter,
             topics=s.kafka.topics,
             service_name=s.service.service_name,
+            cache=self.cache,
+            spend=SpendTracker(self._redis, s.spend, prefix, self.redis_guard),
         )
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka.kafka_bootstrap_servers,
@@ -103,6 +134,10 @@ class Runtime:
         if self.loop is not None and self._task is not None:
             self.loop.stop()
             await self._task
+        if self.emitter is not None:
+            await self.emitter.aclose()
+        if self._producer is not None:
+            await self._producer.stop()  # flushes anything still buffered
         for provider in self.providers.values():
             await provider.aclose()
         if self._redis is not None:

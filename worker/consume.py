@@ -62,7 +62,9 @@ class ConsumeLoop:
         self._commit_soon = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._stopping = False
-        self._resume_at = max(0, int(flow.max_in_flight * 0.9) - 1)
+        # Resume fetching once 2 % of the window is free: small enough to keep the window full, large
+        # enough not to flip pause/resume on every completion.
+        self._resume_at = flow.max_in_flight - max(1, flow.max_in_flight // 50)
         self.assigned = asyncio.Event()
 
     # ---- main loop -------------------------------------------------------------------------------------

@@ -7,13 +7,17 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
 from typing import Any
 
 from aiokafka import ConsumerRecord
 
 from contracts import (
+    CachePolicy,
     ErrorCode,
     ErrorDetail,
+    LLMCacheHitV1,
     LLMComparisonResultV1,
     LLMCostTrackingV1,
     LLMProviderFailureV1,
@@ -22,11 +26,15 @@ from contracts import (
     utc_now,
 )
 from worker import metrics
+from worker.cache import AnswerCache, CachedAnswer, Layer
 from worker.emit import Emitter, Outgoing, make_dlq_record, make_event
 from worker.errors import RequestRejected
 from worker.logs import correlation_id_var, request_id_var
-from worker.orchestrate import CallOutcome, Orchestrator
+from worker.orchestrate import Attempt, CallOutcome, Orchestrator
 from worker.outcomes import OutcomeStore
+from worker.pricing import Cost
+from worker.providers.base import ComparisonCall
+from worker.spend import SpendTracker, estimate_call_usd
 from worker.validate import Invalid, Job, Unparseable, decode_request
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ class Handler:
     emitter: Emitter
     topics: Topics
     service_name: str
+    cache: AnswerCache | None = None
+    spend: SpendTracker | None = None
 
     async def handle(self, record: ConsumerRecord) -> None:
         header_cid = _header(record.headers, "correlation_id")
@@ -93,10 +103,130 @@ class Handler:
             outcome = CallOutcome(
                 call, error=RequestRejected(ErrorCode.EXPIRED, "deadline passed before pick-up")
             )
-        else:
-            outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
-        cache = "bypass" if request.cache.value == "bypass" else "miss"
-        return self._events(job, outcome, int((time.perf_counter() - t0) * 1000), cache)
+            return self._events(job, outcome, _ms_since(t0), "miss")
+        if self.cache is None:
+            outcome, alerts = await self._call(job, call, deadline_s)
+            cache = "bypass" if request.cache.value == "bypass" else "miss"
+            return self._events(job, outcome, _ms_since(t0), cache) + alerts
+        return await self._through_cache(job, call, deadline_s, t0)
+
+    async def _through_cache(
+        self, job: Job, call: ComparisonCall, deadline_s: float | None, t0: float
+    ) -> list[Outgoing]:
+        """Policy use: a hit answers; else single-flight around the call (storing its answer). Refresh:
+        single-flight without the read. Bypass (or caching disabled): neither read, write nor join."""
+        assert self.cache is not None
+        requested = job.request.cache
+        policy = self.cache.policy(requested)
+        if policy is CachePolicy.BYPASS:
+            metrics.CACHE_BYPASS.labels("request" if requested is CachePolicy.BYPASS else "disabled").inc()
+            outcome, alerts = await self._call(job, call, deadline_s)
+            return self._events(job, outcome, _ms_since(t0), "bypass") + alerts
+        key = self.cache.key_for(call)
+        try:
+            flight = await self.cache.serve(
+                key,
+                lambda: self._call(job, call, deadline_s),
+                partial(_cacheable, job.request_id),
+                deadline_s,
+                read=policy is CachePolicy.USE,
+            )
+        except TimeoutError:
+            error = RequestRejected(
+                ErrorCode.EXPIRED, "deadline passed while waiting for an identical request"
+            )
+            return self._events(job, CallOutcome(call, error=error), _ms_since(t0), "miss")
+        shared = flight.shared
+        if shared is not None and flight.scope is None and shared.request_id == job.request_id:
+            # This very request made the call, then crashed before its events were out: replay them.
+            outcome = CallOutcome(call, shared.answer, attempts=_attempts(shared))
+            return self._events(job, outcome, _ms_since(t0), "miss")
+        if shared is not None and flight.layer is not None:
+            return self._hit_events(job, call, key, shared, flight.layer, _ms_since(t0), flight.scope)
+        assert flight.led is not None
+        outcome, alerts = flight.led
+        return (
+            self._events(
+                job, outcome, _ms_since(t0), policy.value if policy is CachePolicy.REFRESH else "miss"
+            )
+            + alerts
+        )
+
+    async def _call(
+        self, job: Job, call: ComparisonCall, deadline_s: float | None
+    ) -> tuple[CallOutcome, list[Outgoing]]:
+        """Budget check, the provider call, spend accounting: the outcome and any cost alerts it raised."""
+        request = job.request
+        if self.spend is not None:
+            try:
+                estimate = estimate_call_usd(self.orchestrator.prices, call)
+                await self.spend.check_budget(request.organization_id, estimate)
+            except RequestRejected as exc:
+                return CallOutcome(call, error=exc), []
+        outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
+        if self.spend is None:
+            return outcome, []
+        cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
+        alerts = await self.spend.record(request.organization_id, cost_usd)
+        src, key = self.service_name, request.organization_id or "global"
+        topic = self.topics.cost_alert
+        return outcome, [make_event("cost_alert", topic, key, a, job.correlation_id, src) for a in alerts]
+
+    def _hit_events(
+        self,
+        job: Job,
+        call: ComparisonCall,
+        key: str,
+        cached: CachedAnswer,
+        layer: Layer,
+        elapsed_ms: int,
+        scope: str | None = None,
+    ) -> list[Outgoing]:
+        """A cached (or shared in-flight) answer: the result at cost 0 and an LLMCacheHitV1 with the cost
+        saved; no cost-tracking event, since no call was made for this request."""
+        request, answer = job.request, cached.answer
+        metadata = dict(request.metadata)
+        metadata.update(
+            prompt_sha256=hashlib.sha256(request.user_prompt.encode()).hexdigest(),
+            resolved_provider=call.provider,
+            resolved_model=answer.model,
+            cache="hit",
+            cache_layer=layer,
+            attempts=0,
+        )
+        if scope is not None:
+            metadata.update(single_flight=True, single_flight_scope=scope)
+        result = LLMComparisonResultV1(
+            request_id=job.request_id,
+            correlation_id=job.correlation_id,
+            winner=answer.winner,
+            justification=answer.justification,
+            confidence=answer.confidence,
+            provider=call.provider,
+            model=answer.model,
+            response_time_ms=elapsed_ms,
+            cost_estimate=0.0,
+            requested_at=job.requested_at,
+            request_metadata=metadata,
+        )
+        hit = LLMCacheHitV1(
+            request_id=job.request_id,
+            correlation_id=job.correlation_id,
+            cache_key=key,
+            provider=call.provider,
+            model=answer.model,
+            cost_saved_usd=cached.cost_usd,
+            tokens_saved=answer.usage.total_tokens,
+            cache_layer=layer,
+            user_id=request.user_id,
+            organization_id=request.organization_id,
+        )
+        metrics.REQUESTS.labels("success", call.provider, "").inc()
+        src, cid = self.service_name, job.correlation_id
+        return [
+            make_event("result", job.callback_topic, job.request_id, result, cid, src),
+            make_event("cache_hit", self.topics.cache_hit, job.request_id, hit, cid, src),
+        ]
 
     def _events(self, job: Job, outcome: CallOutcome, elapsed_ms: int, cache: str) -> list[Outgoing]:
         call, answer, error = outcome.call, outcome.answer, outcome.error
@@ -254,6 +384,49 @@ def _deadline_monotonic(job: Job) -> float | None:
     if deadline is None:
         return None
     return time.monotonic() + (deadline - utc_now()).total_seconds()
+
+
+def _ms_since(t0: float) -> int:
+    return int((time.perf_counter() - t0) * 1000)
+
+
+def _cacheable(request_id: str, called: tuple[CallOutcome, list[Outgoing]]) -> CachedAnswer | None:
+    """Only an answer from the provider and model asked (not a fallback) is stored and shared."""
+    outcome = called[0]
+    by, call = outcome.answered_by, outcome.call
+    if outcome.answer is None or (by is not None and (by.provider, by.model) != (call.provider, call.model)):
+        return None
+    cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
+    attempts = tuple(
+        [
+            a.provider,
+            a.model,
+            a.started_at.isoformat(),
+            a.duration_ms,
+            a.usage.model_dump() if a.usage else None,
+            [a.cost.usd, a.cost.price_known] if a.cost else None,
+            a.error_code.value if a.error_code else None,
+        ]
+        for a in outcome.attempts
+    )
+    return CachedAnswer(outcome.answer, cost_usd, request_id, attempts)
+
+
+def _attempts(cached: CachedAnswer) -> list[Attempt]:
+    out = []
+    for provider, model, started_at, duration_ms, usage, cost, code in cached.attempts:
+        out.append(
+            Attempt(
+                provider,
+                model,
+                datetime.fromisoformat(started_at),
+                duration_ms,
+                TokenUsage(**usage) if usage else None,
+                Cost(*cost) if cost else None,
+                ErrorCode(code) if code else None,
+            )
+        )
+    return out
 
 
 def _last_usage(outcome: CallOutcome) -> TokenUsage:

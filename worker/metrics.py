@@ -55,3 +55,17 @@ LIMITER_DEGRADED = Gauge(
     "llm_worker_rate_limiter_degraded", "1 while the shared (Redis) limiter is down and a local share is used"
 )
 LIMITER_REDIS_ERRORS = Counter("llm_worker_rate_limiter_redis_errors_total", "Shared limiter Redis errors")
+CACHE_HITS = Counter("llm_worker_cache_hits_total", "Requests answered by the cache", ["layer"])
+CACHE_MISSES = Counter("llm_worker_cache_misses_total", "Cache lookups that found nothing")
+CACHE_BYPASS = Counter("llm_worker_cache_bypass_total", "Requests that skipped the cache", ["reason"])
+CACHE_ERRORS = Counter("llm_worker_cache_errors_total", "Cache Redis errors (local layer used)", ["op"])
+CACHE_EVICTIONS = Counter("llm_worker_cache_evictions_total", "Local cache entries evicted", ["reason"])
+SINGLE_FLIGHT_JOINS = Counter(
+    "llm_worker_single_flight_joins_total", "Requests answered by an identical in-flight call", ["scope"]
+)
+CACHE_REDIS_DEGRADED = Gauge(
+    "llm_worker_cache_redis_degraded", "1 while the cache skips Redis after an error (local layer only)"
+)
+COST_ALERTS = Counter("llm_worker_cost_alerts_total", "Spend threshold crossings alerted", ["scope"])
+BUDGET_REJECTED = Counter("llm_worker_budget_rejected_total", "Requests refused by an organization budget")
+SPEND_ERRORS = Counter("llm_worker_spend_errors_total", "Spend counter Redis errors (not counted)", ["op"])

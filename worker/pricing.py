@@ -37,17 +37,22 @@ class PriceTable:
         raw = json.loads(Path(path or _DEFAULT_TABLE).read_text())
         return cls({name: ModelPrice(**entry) for name, entry in raw["models"].items()})
 
-    def cost(self, model: str, usage: TokenUsage) -> Cost:
+    def cost(self, model: str, usage: TokenUsage, cache_write_tokens: int = 0) -> Cost:
+        """prompt_tokens include cached reads and cache writes; completion_tokens include reasoning.
+        cache_write_tokens (Anthropic cache_creation_input_tokens) are billed at cache_write when priced."""
         price = self.prices.get(model)
         if price is None:
             return Cost(0.0, price_known=False)
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         cached_rate = price.cached_input if price.cached_input is not None else price.input
+        written = min(cache_write_tokens, usage.prompt_tokens - cached)
+        write_rate = price.cache_write if price.cache_write is not None else price.input
         reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
         reasoning_rate = price.reasoning if price.reasoning is not None else price.output
         usd = (
-            (usage.prompt_tokens - cached) * price.input
+            (usage.prompt_tokens - cached - written) * price.input
             + cached * cached_rate
+            + written * write_rate
             + (usage.completion_tokens - reasoning) * price.output
             + reasoning * reasoning_rate
         ) / 1_000_000

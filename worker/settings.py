@@ -36,7 +36,8 @@ class RedisSettings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = Field(default=1.0, gt=0)
-    redis_max_connections: int = Field(default=64, ge=1)
+    redis_max_connections: int = Field(default=128, ge=1)
+    redis_pool_timeout_s: float = Field(default=5.0, gt=0, description="Wait for a free pooled connection.")
     redis_key_prefix: str = "llmw"
     idempotency_ttl_s: int = Field(default=86_400, gt=0)
 
@@ -107,6 +108,34 @@ class ProviderSettings(BaseSettings):
     http_keepalive_expiry_s: float = Field(default=30.0, ge=0)
 
 
+class CacheSettings(BaseSettings):
+    """The answer cache (Redis + in-process LRU) and single-flight of identical requests."""
+
+    model_config = _CONFIG
+
+    cache_enabled: bool = Field(default=True, description="Off: every request is treated as bypass.")
+    cache_ttl_s: int = Field(default=86_400, gt=0)
+    cache_local_max_entries: int = Field(default=10_000, ge=1)
+    cache_local_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    cache_redis_retry_s: float = Field(
+        default=5.0, gt=0, description="After a Redis error, skip Redis this long, then probe once."
+    )
+    single_flight_lease_ms: int = Field(default=30_000, ge=100, description="Renewed while the call runs.")
+    single_flight_poll_ms: int = Field(default=200, ge=1, description="Longest wait between polls.")
+
+
+class SpendSettings(BaseSettings):
+    """Sliding-window spend per organization and global: alerts and optional budgets (USD)."""
+
+    model_config = _CONFIG
+
+    cost_alert_window_s: int = Field(default=3_600, ge=1)
+    cost_alert_threshold_usd: float | None = Field(default=None, gt=0, description="Global; unset = off.")
+    org_cost_alert_threshold_usd: float | None = Field(default=None, gt=0, description="Per organization.")
+    org_budget_usd: float | None = Field(default=None, gt=0, description="Per organization; unset = off.")
+    org_budget_window_s: int = Field(default=30 * 86_400, ge=1)
+
+
 class ResilienceSettings(BaseSettings):
     """Routing, fallback, retries, circuit breakers and rate limits of provider calls."""
 
@@ -145,6 +174,8 @@ class Settings:
     service: ServiceSettings
     mock: MockSettings
     providers: ProviderSettings = field(default_factory=ProviderSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    spend: SpendSettings = field(default_factory=SpendSettings)
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
 
 

@@ -1,0 +1,185 @@
+"""Issue 4 benchmark: the provider HTTP path against the fake provider server on loopback.
+
+The fake server runs in its own process (`llm-worker fake-server`) answering after --latency-ms (1 s). For a
+fixed time each client keeps --in-flight requests (1000) going; we print completed requests/s and the
+client process's CPU time per request (time.process_time() / completed):
+
+  provider/aiohttp   OpenAIProvider.compare() as the worker runs it: payload, POST on httpx with the
+                     httpx-aiohttp transport, pydantic parse, answer validation
+  provider/httpx     the same provider on httpx's default transport (pool raised to --in-flight)
+  raw httpx          bare httpx.AsyncClient POST of the same bytes, default transport (pool raised)
+  raw aiohttp        bare aiohttp.ClientSession POST of the same bytes (the floor)
+
+Usage: python bench/bench_http.py [--seconds 15] [--in-flight 1000] [--latency-ms 1000] [--only a,b]
+Other processes on the machine share the CPUs; the load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import httpx
+from pydantic import SecretStr
+
+from contracts import ProviderName
+from worker.providers import build_provider
+from worker.providers.base import DEFAULT_SYSTEM_PROMPT, ComparisonCall
+from worker.providers.openai import OpenAIProvider
+from worker.settings import ProviderSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "gpt-4.1-mini"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_fake_server(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "fake-server",
+            "--port",
+            str(port),
+            "--latency-ms",
+            str(latency_ms),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "fake provider server on ..." once it listens
+    return proc
+
+
+def the_call(i: int) -> ComparisonCall:
+    return ComparisonCall(
+        provider="openai",
+        model=MODEL,
+        system_prompt=DEFAULT_SYSTEM_PROMPT,
+        user_prompt=f"Compare.\n\nEssay A: the first essay {i}.\n\nEssay B: the second essay {i}.",
+    )
+
+
+async def measure(name: str, one: Callable[[int], Awaitable[None]], seconds: float, in_flight: int) -> None:
+    """Keep `in_flight` calls running for `seconds`; count the ones that finish."""
+    done = failed = 0
+    end = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def lane() -> None:
+        nonlocal done, failed
+        while time.perf_counter() < end:
+            try:
+                await one(next(counter))
+                done += 1
+            except Exception:
+                failed += 1
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(in_flight)))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    per_req_ms = cpu / done * 1000 if done else float("nan")
+    print(
+        f"{name:<17} {done / wall:8.0f} req/s  {per_req_ms:6.3f} ms CPU/req  "
+        f"({done} ok, {failed} failed in {wall:.1f} s; load {os.getloadavg()[0]:.2f})",
+        flush=True,
+    )
+
+
+async def run(args: argparse.Namespace, base_url: str) -> None:
+    settings = ProviderSettings(
+        openai_api_key=SecretStr("sk-bench"),
+        openai_base_url=f"{base_url}/v1",
+        http_max_connections=args.in_flight,
+    )
+    body = json.dumps(
+        OpenAIProvider("openai", MODEL, httpx.AsyncClient()).build_payload(the_call(0))
+    ).encode()
+    headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
+    limits = httpx.Limits(max_connections=args.in_flight, max_keepalive_connections=args.in_flight)
+    only = set(args.only.split(",")) if args.only else None
+
+    if only is None or "a" in only:
+        provider = build_provider(ProviderName.OPENAI, settings)
+        assert provider is not None
+
+        async def via_provider(i: int) -> None:
+            await provider.compare(the_call(i))
+
+        await measure("provider/aiohttp", via_provider, args.seconds, args.in_flight)
+        await provider.aclose()
+
+    if only is None or "b" in only:
+        client = httpx.AsyncClient(
+            base_url=f"{base_url}/v1", headers={"authorization": "Bearer sk-bench"}, limits=limits, timeout=60
+        )
+        plain = OpenAIProvider("openai", MODEL, client)
+
+        async def via_plain_provider(i: int) -> None:
+            await plain.compare(the_call(i))
+
+        await measure("provider/httpx", via_plain_provider, args.seconds, args.in_flight)
+        await client.aclose()
+
+    if only is None or "c" in only:
+        async with httpx.AsyncClient(limits=limits, timeout=60) as raw:
+            url = f"{base_url}/v1/chat/completions"
+
+            async def via_httpx(i: int) -> None:
+                response = await raw.post(url, content=body, headers=headers)
+                response.raise_for_status()
+
+            await measure("raw httpx", via_httpx, args.seconds, args.in_flight)
+
+    if only is None or "d" in only:
+        connector = aiohttp.TCPConnector(limit=args.in_flight)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = f"{base_url}/v1/chat/completions"
+
+            async def via_aiohttp(i: int) -> None:
+                async with session.post(url, data=body, headers=headers) as response:
+                    response.raise_for_status()
+                    await response.read()
+
+            await measure("raw aiohttp", via_aiohttp, args.seconds, args.in_flight)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--in-flight", type=int, default=1000)
+    parser.add_argument("--latency-ms", type=float, default=1000.0)
+    parser.add_argument("--only", default="", help="subset of a,b,c,d (see the docstring)")
+    args = parser.parse_args()
+    port = free_port()
+    server = start_fake_server(port, args.latency_ms)
+    print(
+        f"fake server latency {args.latency_ms:.0f} ms, {args.in_flight} in flight, "
+        f"{args.seconds:.0f} s each, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    try:
+        asyncio.run(run(args, f"http://127.0.0.1:{port}"))
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Issue 3 benchmark: the worker against a bare aiokafka echo loop, on the local broker.
+
+Scenarios (each run 3 times, median printed):
+  A  mock provider at 1.0 s latency, MAX_IN_FLIGHT=1000: sustained requests/s of one worker process
+  B  mock provider at 0 latency, cache bypassed: worker requests/s vs echo-loop messages/s
+  C  200 requests/s offered: p99 end-to-end latency of the worker minus that of the echo loop
+
+Both the worker and the echo loop run as separate processes; this script produces the requests and reads
+the results. Usage: python bench/bench_worker.py [--runs 3] [--only A,B,C] [--n-a 15000] [--n-b 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from contracts import EventEnvelope, LLMComparisonRequestV1
+from worker.cli import create_topics
+from worker.settings import KafkaSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOTSTRAP = "127.0.0.1:9092"
+
+
+def _payloads(n: int, stamp: bool = False) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        data = LLMComparisonRequestV1(
+            request_id=f"b-{uuid.uuid4()}",
+            user_prompt=f"Compare.\n\nEssay A: first essay {i}.\n\nEssay B: second essay {i}.",
+            cache="bypass",
+        )
+        env = EventEnvelope[LLMComparisonRequestV1](correlation_id=uuid.uuid4(), data=data)
+        out.append((data.request_id.encode(), env.model_dump_json().encode()))  # type: ignore[union-attr]
+    return out
+
+
+class Topology:
+    def __init__(self, partitions: int = 12) -> None:
+        self.prefix = f"bench{uuid.uuid4().hex[:8]}"
+        self.kafka = KafkaSettings(topic_prefix=self.prefix, request_topic_partitions=partitions)
+        self.topics = self.kafka.topics
+
+    async def create(self) -> None:
+        await create_topics(self.kafka)
+
+
+async def _reader(topic: str) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False)
+    await consumer.start()
+    parts = None
+    for _ in range(50):
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            break
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+    tps = [TopicPartition(topic, p) for p in parts or {0}]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return consumer
+
+
+def _start(kind: str, topo: Topology, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    if kind == "echo":
+        cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "echo_loop.py"),
+            topo.topics.comparison_request,
+            topo.topics.comparison_result,
+            f"{topo.prefix}-echo",
+        ]
+        env = dict(os.environ)
+    else:
+        cmd = [sys.executable, "-m", "worker.cli", "run"]
+        env = dict(
+            os.environ,
+            TOPIC_PREFIX=topo.prefix,
+            CONSUMER_GROUP=f"{topo.prefix}-worker",
+            REDIS_KEY_PREFIX=topo.prefix,
+            LOG_LEVEL="WARNING",
+            **extra_env,
+        )
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def _produce_all(topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in payloads]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def throughput(kind: str, n: int, extra_env: dict[str, str]) -> float:
+    """Pre-load n requests, start the process, measure results/s from first to last result."""
+    topo = Topology()
+    await topo.create()
+    await _produce_all(topo.topics.comparison_request, _payloads(n))
+    reader = await _reader(topo.topics.comparison_result)
+    proc = _start(kind, topo, extra_env)
+    try:
+        seen, first, last = 0, 0.0, 0.0
+        deadline = time.monotonic() + 300
+        while seen < n and time.monotonic() < deadline:
+            batch = await reader.getmany(timeout_ms=200)
+            got = sum(len(r) for r in batch.values())
+            if got:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                seen += got
+        if seen < n:
+            raise RuntimeError(f"{kind}: only {seen}/{n} results")
+        # Count from the first result: excludes process start-up and group join.
+        return (n - 1) / (last - first)
+    finally:
+        _stop(proc)
+        await reader.stop()
+
+
+async def latency_p99(kind: str, rate: float, seconds: float) -> tuple[float, float]:
+    """Offer `rate` requests/s for `seconds`; p50/p99 end-to-end latency (ms) by request key."""
+    topo = Topology()
+    await topo.create()
+    reader = await _reader(topo.topics.comparison_result)
+    proc = _start(kind, topo, {"MOCK_LATENCY_MS": "0", "MAX_IN_FLIGHT": "1000"})
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=0)
+    await producer.start()
+    try:
+        # warm-up: wait until the process answers one request
+        warm = _payloads(1)
+        await producer.send_and_wait(topo.topics.comparison_request, warm[0][1], key=warm[0][0])
+        while not await reader.getmany(timeout_ms=500):
+            pass
+        n = int(rate * seconds)
+        payloads = _payloads(n)
+        sent: dict[bytes, float] = {}
+        latencies: list[float] = []
+
+        async def collect() -> None:
+            while len(latencies) < n:
+                batch = await reader.getmany(timeout_ms=200)
+                now = time.perf_counter()
+                for records in batch.values():
+                    for r in records:
+                        if r.key in sent:
+                            latencies.append((now - sent.pop(r.key)) * 1000)
+
+        collector = asyncio.create_task(collect())
+        start = time.perf_counter()
+        for i, (key, value) in enumerate(payloads):
+            target = start + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent[key] = time.perf_counter()
+            await producer.send(topo.topics.comparison_request, value, key=key)
+        await asyncio.wait_for(collector, 60)
+        latencies.sort()
+        return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
+    finally:
+        await producer.stop()
+        _stop(proc)
+        await reader.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="A,B,C")
+    parser.add_argument("--n-a", type=int, default=15000)
+    parser.add_argument("--n-b", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--seconds", type=float, default=15)
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    rows: list[dict[str, Any]] = []
+    if "A" in only:
+        env = {"MOCK_LATENCY_MS": "1000", "MAX_IN_FLIGHT": "1000"}
+        runs = [await throughput("worker", args.n_a, env) for _ in range(args.runs)]
+        rows.append(
+            {
+                "scenario": "A worker, mock 1.0 s, MAX_IN_FLIGHT=1000 (req/s)",
+                "runs": runs,
+                "median": statistics.median(runs),
+                "target": ">= 950",
+            }
+        )
+    if "B" in only:
+        env = {"MOCK_LATENCY_MS": "0", "MAX_IN_FLIGHT": "1000"}
+        worker_runs, echo_runs = [], []
+        for _ in range(args.runs):
+            echo_runs.append(await throughput("echo", args.n_b, {}))
+            worker_runs.append(await throughput("worker", args.n_b, env))
+        ratio = statistics.median(worker_runs) / statistics.median(echo_runs)
+        rows.append(
+            {"scenario": "B echo loop (msg/s)", "runs": echo_runs, "median": statistics.median(echo_runs)}
+        )
+        rows.append(
+            {
+                "scenario": "B worker, mock 0 ms, bypass (req/s)",
+                "runs": worker_runs,
+                "median": statistics.median(worker_runs),
+                "ratio_to_echo": round(ratio, 3),
+                "target": "ratio >= 0.5",
+            }
+        )
+    if "C" in only:
+        diffs, worker_p99s, echo_p99s = [], [], []
+        for _ in range(args.runs):
+            _, echo_p99 = await latency_p99("echo", args.rate, args.seconds)
+            _, worker_p99 = await latency_p99("worker", args.rate, args.seconds)
+            echo_p99s.append(echo_p99)
+            worker_p99s.append(worker_p99)
+            diffs.append(worker_p99 - echo_p99)
+        rows.append(
+            {
+                "scenario": f"C p99 e2e at {args.rate:.0f} req/s (ms)",
+                "echo_p99": echo_p99s,
+                "worker_p99": worker_p99s,
+                "diff": diffs,
+                "median_diff": statistics.median(diffs),
+                "target": "median diff <= 5",
+            }
+        )
+    for row in rows:
+        print(
+            json.dumps(
+                {
+                    k: (
+                        round(v, 2)
+                        if isinstance(v, float)
+                        else [round(x, 2) for x in v]
+                        if isinstance(v, list)
+                        else v
+                    )
+                    for k, v in row.items()
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

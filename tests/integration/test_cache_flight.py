@@ -1,0 +1,143 @@
+"""Issue 5: the answer cache and single-flight against the real Redis: identical concurrent requests cause
+one call within a process and across replicas (separate clients = separate replicas), a dead leader's
+lease expires and a waiter takes over, a failed leader's joiners try again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from contracts import TokenUsage
+from tests.conftest import REDIS_URL
+from worker.cache import AnswerCache, CachedAnswer, RedisGuard
+from worker.providers.base import Answer
+from worker.settings import CacheSettings
+
+ANSWER = CachedAnswer(Answer("Essay B", "better argued", 4.0, "mock-1", TokenUsage(total_tokens=42)), 0.002)
+
+
+@pytest.fixture
+async def clients(infra: None) -> AsyncIterator[Callable[[], Redis]]:
+    made: list[Redis] = []
+
+    def make() -> Redis:
+        made.append(Redis.from_url(REDIS_URL))
+        return made[-1]
+
+    yield make
+    for r in made:
+        await r.aclose()
+
+
+def replica(redis: Redis, prefix: str, **settings: Any) -> AnswerCache:
+    s = CacheSettings(**{"single_flight_poll_ms": 20, **settings})
+    return AnswerCache(redis, s, prefix, RedisGuard(s.cache_redis_retry_s))
+
+
+class Provider:
+    """Counts calls; each call waits until released, so callers overlap for sure."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.calls = 0
+        self.fail_first = fail_first
+        self.release = asyncio.Event()
+
+    async def call(self) -> str:
+        self.calls += 1
+        await self.release.wait()
+        return "failed" if self.calls <= self.fail_first else "answer"
+
+
+def to_cached(value: str) -> CachedAnswer | None:
+    return ANSWER if value == "answer" else None
+
+
+async def test_identical_requests_in_one_process_make_one_call(prefix, clients) -> None:
+    cache, provider = replica(clients(), prefix), Provider()
+    tasks = [asyncio.create_task(cache.serve("k", provider.call, to_cached, None)) for _ in range(20)]
+    await asyncio.sleep(0)  # all twenty enter serve() before the call is released
+    provider.release.set()
+    flights = await asyncio.gather(*tasks)
+    assert provider.calls == 1
+    assert sum(f.led == "answer" for f in flights) == 1
+    assert [f.scope for f in flights if f.shared].count("local") == 19
+
+
+async def test_identical_requests_on_two_replicas_make_one_call(prefix, clients) -> None:
+    a, b = replica(clients(), prefix), replica(clients(), prefix)
+    provider = Provider()
+    leader = asyncio.create_task(a.serve("k", provider.call, to_cached, None))
+    while provider.calls == 0:
+        await asyncio.sleep(0.005)
+    waiters = [asyncio.create_task(b.serve("k", provider.call, to_cached, None)) for _ in range(5)]
+    await asyncio.sleep(0.05)  # the waiters are polling while the leader's call is still open
+    provider.release.set()
+    led, shared = await leader, await asyncio.gather(*waiters)
+    assert provider.calls == 1
+    assert led.led == "answer"
+    assert [f.scope for f in shared].count("replica") == 1  # b's own leader waited on a; 4 joined it
+    assert all(f.shared == ANSWER for f in shared)
+
+
+async def test_a_waiter_takes_over_when_the_leaders_lease_expires(prefix, clients) -> None:
+    redis = clients()
+    cache = replica(redis, prefix)
+    await redis.set("k:lease", "a-leader-that-died", px=300)
+    provider = Provider()
+    provider.release.set()
+    t0 = time.monotonic()
+    flight = await cache.serve("k", provider.call, to_cached, None)
+    assert (flight.led, provider.calls) == ("answer", 1)
+    assert time.monotonic() - t0 >= 0.25  # it waited for the lease to run out
+
+
+async def test_waiting_on_another_replica_ends_at_the_deadline(prefix, clients) -> None:
+    redis = clients()
+    cache = replica(redis, prefix)
+    await redis.set("k:lease", "a-slow-leader", px=10_000)
+    provider = Provider()
+    with pytest.raises(TimeoutError):
+        await cache.serve("k", provider.call, to_cached, time.monotonic() + 0.2)
+    assert provider.calls == 0
+
+
+async def test_joiners_of_a_failed_leader_call_again_and_share_the_retry(prefix, clients) -> None:
+    cache, provider = replica(clients(), prefix), Provider(fail_first=1)
+    tasks = [asyncio.create_task(cache.serve("k", provider.call, to_cached, None)) for _ in range(5)]
+    await asyncio.sleep(0)
+    provider.release.set()
+    flights = await asyncio.gather(*tasks)
+    assert provider.calls == 2
+    assert sorted(str(f.led) for f in flights if f.led) == ["answer", "failed"]
+    assert sum(f.shared == ANSWER for f in flights) == 3
+
+
+async def test_the_leader_stores_the_answer_and_the_next_request_hits_redis(prefix, clients) -> None:
+    provider = Provider()
+    provider.release.set()
+    await replica(clients(), prefix).serve("k", provider.call, to_cached, None)
+    flight = await replica(clients(), prefix).serve("k", provider.call, to_cached, None)
+    assert (flight.shared, flight.layer, provider.calls) == (ANSWER, "redis", 1)
+
+
+async def test_refresh_calls_again_and_overwrites_the_answer(prefix, clients) -> None:
+    redis = clients()
+    cache = replica(redis, prefix)
+    stale = CachedAnswer(ANSWER.answer, 9.0)
+    await cache.put("k", stale)
+    provider = Provider()
+    provider.release.set()
+    flight = await cache.serve("k", provider.call, to_cached, None, read=False)
+    assert (flight.led, provider.calls) == ("answer", 1)
+    assert CachedAnswer.from_bytes(await redis.get("k")) == ANSWER
+
+
+async def test_entries_in_redis_expire_after_the_ttl(prefix, clients) -> None:
+    redis = clients()
+    await replica(redis, prefix, cache_ttl_s=120).put("k", ANSWER)
+    assert 110 < await redis.ttl("k") <= 120

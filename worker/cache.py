@@ -1,0 +1,456 @@
+"""The answer cache and single-flight of identical requests.
+
+Key: sha256 of the canonical JSON of everything in a ComparisonCall that changes the answer, plus the
+answer schema version; nothing else (request id, correlation id, metadata and user never reach the call).
+Keys are namespaced by the Redis key prefix and versioned (`<prefix>:cache:v1:<hex>`).
+
+Layers: an in-process LRU bounded by entries and bytes (L1, and the only layer while Redis is down) in
+front of Redis (shared by replicas, with a TTL). `RedisGuard` is a small breaker: after a Redis error the
+cache skips Redis for CACHE_REDIS_RETRY_S, then lets one call probe it; so an outage costs one timeout,
+not one per request, and recovery is automatic. Its status is the worker's readiness (healthy/degraded).
+
+Single-flight: identical requests in flight at the same time cause one provider call.
+- Within a process a shared future per key: the first request leads, the others await its answer.
+- Across replicas a Redis lease (SET NX PX) per key, renewed while the call runs. Another replica that
+  finds the lease taken polls (bounded backoff) for the answer in the cache; when the lease is gone without
+  an answer (the leader failed, or died and its lease expired) the waiter takes over as leader.
+Only answers are shared. When the leader fails, its joiners try again (one of them leads the next call),
+so an error tied to one request (its deadline, its organization's budget) never leaks to another.
+Bypass requests never reach this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, Literal, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from contracts import CachePolicy, TokenUsage
+from worker import metrics
+from worker.providers.base import SCHEMA_VERSION, Answer, ComparisonCall
+from worker.settings import CacheSettings
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = 1
+
+T = TypeVar("T")
+Layer = Literal["redis", "local", "single_flight"]
+Scope = Literal["local", "replica"]
+
+_FOUND, _LEASED, _TAKEN, _LEASED_LOCALLY = 1, 2, 3, 4
+
+# KEYS: cache key, lease key. ARGV: token, lease_ms, read (1/0).
+# -> {FOUND, answer} | {LEASED} (we lead) | {TAKEN} (another request leads)
+_LOOKUP = """
+if ARGV[3] == '1' then
+  local v = redis.call('get', KEYS[1])
+  if v then return {1, v} end
+end
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {3}
+"""
+# KEYS: cache key, lease key ('' when none). ARGV: answer ('' = nothing to store), ttl_s, token.
+_FINISH = """
+if ARGV[1] ~= '' then redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+if KEYS[2] ~= '' and redis.call('get', KEYS[2]) == ARGV[3] then redis.call('del', KEYS[2]) end
+return 1
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def make_cache_key(call: ComparisonCall, prefix: str) -> str:
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "provider": call.provider,
+        "model": call.model,
+        "system_prompt": call.system_prompt,
+        "user_prompt": call.user_prompt,
+        "prompt_blocks": [[b.target, b.content] for b in call.prompt_blocks],
+        "temperature": call.temperature,
+        "max_tokens": call.max_tokens,
+        "reasoning_effort": call.reasoning_effort,
+        "output_verbosity": call.output_verbosity,
+    }
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"{prefix}:cache:v{KEY_VERSION}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """An answer, what its call cost (the cost a hit saves), and where it came from: the request that
+    made the call and that call's billed attempts (opaque JSON lists), so a redelivery of that same request
+    can still emit the cost events its crash lost."""
+
+    answer: Answer
+    cost_usd: float
+    request_id: str = ""
+    attempts: tuple[Any, ...] = ()
+
+    def to_bytes(self) -> bytes:
+        a = self.answer
+        doc = [
+            a.winner,
+            a.justification,
+            a.confidence,
+            a.model,
+            a.usage.model_dump(),
+            self.cost_usd,
+            self.request_id,
+            list(self.attempts),
+        ]
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CachedAnswer:
+        winner, justification, confidence, model, usage, cost_usd, request_id, attempts = json.loads(raw)
+        answer = Answer(winner, justification, float(confidence), model, TokenUsage(**usage))
+        return cls(answer, float(cost_usd), str(request_id), tuple(attempts))
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    cached: CachedAnswer
+    layer: Layer
+
+
+@dataclass(frozen=True, slots=True)
+class Flight(Generic[T]):
+    """How a request was served: it led the call (`led`), or got an answer (`shared`) from the cache
+    (layer local/redis) or from an identical in-flight request (layer single_flight; scope local/replica)."""
+
+    led: T | None = None
+    shared: CachedAnswer | None = None
+    layer: Layer | None = None
+    scope: Scope | None = None
+
+
+class LocalLRU:
+    """In-process LRU bounded by entry count and bytes (key + serialised answer); entries live ttl_s."""
+
+    def __init__(
+        self, max_entries: int, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.bytes = 0
+        self._items: OrderedDict[str, tuple[float, int, CachedAnswer]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> CachedAnswer | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires_at, _, value = item
+        if self.clock() >= expires_at:
+            self._remove(key, "expired")
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: CachedAnswer, size: int) -> None:
+        if key in self._items:
+            self._remove(key, None)
+        size += len(key)
+        if size > self.max_bytes:
+            return
+        self._items[key] = (self.clock() + self.ttl_s, size, value)
+        self.bytes += size
+        while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
+            self._remove(next(iter(self._items)), "capacity")
+
+    def _remove(self, key: str, reason: str | None) -> None:
+        _, size, _ = self._items.pop(key)
+        self.bytes -= size
+        if reason is not None:
+            metrics.CACHE_EVICTIONS.labels(reason).inc()
+
+
+class RedisUnavailable(Exception):
+    """Redis is skipped (breaker open) or just failed; use the local layer."""
+
+
+class RedisGuard:
+    """A small breaker around one Redis: closed (healthy) until an error; then open (degraded) for
+    retry_s, during which calls fail fast; after that a single call probes, and success closes it."""
+
+    def __init__(self, retry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.retry_s = retry_s
+        self.clock = clock
+        self._open_until: float | None = None
+        self._probing = False
+        metrics.CACHE_REDIS_DEGRADED.set(0)
+
+    @property
+    def status(self) -> Literal["healthy", "degraded"]:
+        return "healthy" if self._open_until is None else "degraded"
+
+    async def call(self, op: str, make: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation; RedisUnavailable when skipped or failed."""
+        if not self._allow():
+            raise RedisUnavailable(op)
+        try:
+            result = await make()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(op, exc)
+            raise RedisUnavailable(op) from exc
+        finally:
+            self._probing = False
+        self._succeeded()
+        return result
+
+    async def probe(self, ping: Callable[[], Awaitable[Any]]) -> None:
+        """Readiness check: when degraded and the retry time has come, try Redis now."""
+        if self._open_until is not None:
+            try:
+                await self.call("ping", ping)
+            except RedisUnavailable:
+                pass
+
+    def _allow(self) -> bool:
+        if self._open_until is None:
+            return True
+        if self._probing or self.clock() < self._open_until:
+            return False
+        self._probing = True
+        return True
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        metrics.CACHE_ERRORS.labels(op).inc()
+        if self._open_until is None:
+            log.warning(
+                "redis unavailable; cache serves from the local layer", extra={"op": op, "error": str(exc)}
+            )
+            metrics.CACHE_REDIS_DEGRADED.set(1)
+        self._open_until = self.clock() + self.retry_s
+
+    def _succeeded(self) -> None:
+        if self._open_until is not None:
+            log.info("redis reachable again; cache healthy")
+            metrics.CACHE_REDIS_DEGRADED.set(0)
+        self._open_until = None
+
+
+class AnswerCache:
+    def __init__(self, redis: Redis, settings: CacheSettings, prefix: str, guard: RedisGuard) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.prefix = prefix
+        self.guard = guard
+        self.local = LocalLRU(
+            settings.cache_local_max_entries, settings.cache_local_max_bytes, settings.cache_ttl_s
+        )
+        self.lease_ms = settings.single_flight_lease_ms
+        self.poll_max_s = settings.single_flight_poll_ms / 1000
+        self._flights: dict[str, asyncio.Future[CachedAnswer | None]] = {}
+        self._lookup = redis.register_script(_LOOKUP)
+        self._finish = redis.register_script(_FINISH)
+        self._renew = redis.register_script(_RENEW)
+
+    def key_for(self, call: ComparisonCall) -> str:
+        return make_cache_key(call, self.prefix)
+
+    def policy(self, requested: CachePolicy) -> CachePolicy:
+        return requested if self.settings.cache_enabled else CachePolicy.BYPASS
+
+    async def get(self, key: str) -> Hit | None:
+        """L1, then Redis (filling L1). Counts a hit or a miss."""
+        value = self.local.get(key)
+        if value is not None:
+            metrics.CACHE_HITS.labels("local").inc()
+            return Hit(value, "local")
+        try:
+            raw = await self.guard.call("get", lambda: self.redis.get(key))
+        except RedisUnavailable:
+            raw = None
+        value = self._decode(key, raw)
+        if value is None:
+            metrics.CACHE_MISSES.inc()
+            return None
+        metrics.CACHE_HITS.labels("redis").inc()
+        return Hit(value, "redis")
+
+    async def put(self, key: str, value: CachedAnswer) -> None:
+        raw = value.to_bytes()
+        self.local.put(key, value, len(raw))
+        try:
+            await self.guard.call("put", lambda: self.redis.set(key, raw, ex=self.settings.cache_ttl_s))
+        except RedisUnavailable:
+            pass
+
+    def _decode(self, key: str, raw: bytes | str | None) -> CachedAnswer | None:
+        if raw is None:
+            return None
+        try:
+            value = CachedAnswer.from_bytes(raw if isinstance(raw, bytes) else raw.encode())
+        except (ValueError, TypeError) as exc:
+            metrics.CACHE_ERRORS.labels("decode").inc()
+            log.warning("unreadable cache entry ignored", extra={"error": str(exc)})
+            return None
+        self.local.put(key, value, len(raw))
+        return value
+
+    # ---- single-flight ---------------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        to_cached: Callable[[T], CachedAnswer | None],
+        deadline_s: float | None,
+        read: bool = True,
+    ) -> Flight[T]:
+        """The cached answer (when `read`), else run `compute` unless an identical request is already
+        running it (here or on another replica), in which case that request's answer. The leader stores its
+        answer (`to_cached` not None) in the same step that releases its lease, so a waiter that sees the
+        lease gone either finds the answer or knows there is none. Waiting is bounded by `deadline_s`
+        (monotonic): TimeoutError. Redis costs a miss two round trips: read-or-lease, store-and-release."""
+        if read and (value := self.local.get(key)) is not None:
+            metrics.CACHE_HITS.labels("local").inc()
+            return Flight(shared=value, layer="local")
+        while (pending := self._flights.get(key)) is not None:
+            # Shield: a joiner hitting its deadline must not cancel the leader's future.
+            shared = await asyncio.wait_for(asyncio.shield(pending), _remaining(deadline_s))
+            if shared is not None:
+                metrics.SINGLE_FLIGHT_JOINS.labels("local").inc()
+                return Flight(shared=shared, layer="single_flight", scope="local")
+            # The leader failed or was cancelled: loop, and lead the next call unless someone else does.
+        future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
+        self._flights[key] = future
+        for_joiners: CachedAnswer | None = None
+        try:
+            flight, for_joiners = await self._lead(key, compute, to_cached, deadline_s, read)
+            return flight
+        finally:
+            # Always resolve the future (never with an exception: joiners only need "answer or retry").
+            del self._flights[key]
+            future.set_result(for_joiners)
+
+    async def _lead(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        to_cached: Callable[[T], CachedAnswer | None],
+        deadline_s: float | None,
+        read: bool,
+    ) -> tuple[Flight[T], CachedAnswer | None]:
+        lease_key, token = f"{key}:lease", uuid.uuid4().hex
+        while True:
+            try:
+                found = await self.guard.call(
+                    "lookup", partial(self._read_or_lease, key, lease_key, token, read)
+                )
+            except RedisUnavailable:
+                found = [_LEASED_LOCALLY]
+            if found[0] == _FOUND:
+                value = self._decode(key, found[1])
+                if value is not None:
+                    metrics.CACHE_HITS.labels("redis").inc()
+                    return Flight(shared=value, layer="redis"), value
+                read = False  # unreadable entry: overwrite it
+                continue
+            if read:
+                metrics.CACHE_MISSES.inc()
+                read = False
+            if found[0] in (_LEASED, _LEASED_LOCALLY):
+                lease = lease_key if found[0] == _LEASED else None
+                return await self._call(key, lease, token, compute, to_cached)
+            shared = await self._await_replica(key, lease_key, deadline_s)
+            if shared is not None:
+                metrics.SINGLE_FLIGHT_JOINS.labels("replica").inc()
+                return Flight(shared=shared, layer="single_flight", scope="replica"), shared
+
+    async def _call(
+        self,
+        key: str,
+        lease_key: str | None,
+        token: str,
+        compute: Callable[[], Awaitable[T]],
+        to_cached: Callable[[T], CachedAnswer | None],
+    ) -> tuple[Flight[T], CachedAnswer | None]:
+        """Lead: call, then store the answer and release the lease in one step. The lease is renewed
+        meanwhile, so a slow call keeps it; a dead process stops renewing and its lease expires."""
+        renewer = asyncio.create_task(self._keep_lease(lease_key, token)) if lease_key else None
+        raw = b""
+        try:
+            value = await compute()
+            cached = to_cached(value)
+            if cached is not None:
+                raw = cached.to_bytes()
+                self.local.put(key, cached, len(raw))
+            return Flight(led=value), cached
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+            if lease_key is not None or raw:
+                await self._store_and_release(key, lease_key, token, raw)
+
+    async def _read_or_lease(self, key: str, lease_key: str, token: str, read: bool) -> list[Any]:
+        return await self._lookup(keys=[key, lease_key], args=[token, self.lease_ms, int(read)])
+
+    async def _store_and_release(self, key: str, lease_key: str | None, token: str, raw: bytes) -> None:
+        keys = [key, lease_key or ""]
+        args: list[bytes | str | int] = [raw, self.settings.cache_ttl_s, token]
+        try:
+            await self.guard.call("put", lambda: self._finish(keys=keys, args=args))
+        except RedisUnavailable:
+            pass  # the answer stays local; the lease expires on its own
+
+    async def _keep_lease(self, lease_key: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            try:
+                await self.guard.call(
+                    "renew", lambda: self._renew(keys=[lease_key], args=[token, self.lease_ms])
+                )
+            except RedisUnavailable:
+                pass
+
+    async def _await_replica(self, key: str, lease_key: str, deadline_s: float | None) -> CachedAnswer | None:
+        """Another replica holds the lease: poll (10 ms doubling up to SINGLE_FLIGHT_POLL_MS) until its
+        answer is in Redis -> the answer, or the lease is gone without one -> None (take over)."""
+        delay_s = 0.01
+        while True:
+            remaining = _remaining(deadline_s)
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("deadline passed while waiting for an identical request")
+            await asyncio.sleep(delay_s if remaining is None else min(delay_s, remaining))
+            delay_s = min(delay_s * 2, self.poll_max_s)
+            try:
+                raw, held = await self.guard.call("wait", lambda: self._peek(key, lease_key))
+            except RedisUnavailable:
+                return None  # lead locally
+            value = self._decode(key, raw)
+            if value is not None:
+                return value
+            if not held:
+                return None
+
+    async def _peek(self, key: str, lease_key: str) -> tuple[bytes | None, int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.exists(lease_key)
+            raw, held = await pipe.execute()
+        return raw, int(held)
+
+
+def _remaining(deadline_s: float | None) -> float | None:
+    return None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
