@@ -46,9 +46,11 @@ class Provider:
         self.calls = 0
         self.fail_first = fail_first
         self.release = asyncio.Event()
+        self.started = asyncio.Event()
 
     async def call(self) -> str:
         self.calls += 1
+        self.started.set()
         await self.release.wait()
         return "failed" if self.calls <= self.fail_first else "answer"
 
@@ -59,7 +61,9 @@ def to_cached(value: str) -> CachedAnswer | None:
 
 async def test_identical_requests_in_one_process_make_one_call(prefix, clients) -> None:
     cache, provider = replica(clients(), prefix), Provider()
-    tasks = [asyncio.create_task(cache.serve("k", provider.call, to_cached, None)) for _ in range(20)]
+    tasks = [
+        asyncio.create_task(cache.serve(f"{prefix}:k", provider.call, to_cached, None)) for _ in range(20)
+    ]
     await asyncio.sleep(0)  # all twenty enter serve() before the call is released
     provider.release.set()
     flights = await asyncio.gather(*tasks)
@@ -70,12 +74,18 @@ async def test_identical_requests_in_one_process_make_one_call(prefix, clients) 
 
 async def test_identical_requests_on_two_replicas_make_one_call(prefix, clients) -> None:
     a, b = replica(clients(), prefix), replica(clients(), prefix)
-    provider = Provider()
-    leader = asyncio.create_task(a.serve("k", provider.call, to_cached, None))
-    while provider.calls == 0:
-        await asyncio.sleep(0.005)
-    waiters = [asyncio.create_task(b.serve("k", provider.call, to_cached, None)) for _ in range(5)]
-    await asyncio.sleep(0.05)  # the waiters are polling while the leader's call is still open
+    provider, polled = Provider(), asyncio.Event()
+    peek = b._peek
+
+    async def observed_peek(*args: Any) -> Any:
+        polled.set()
+        return await peek(*args)
+
+    b._peek = observed_peek  # type: ignore[method-assign]
+    leader = asyncio.create_task(a.serve(f"{prefix}:k", provider.call, to_cached, None))
+    await provider.started.wait()
+    waiters = [asyncio.create_task(b.serve(f"{prefix}:k", provider.call, to_cached, None)) for _ in range(5)]
+    await polled.wait()  # b is polling while a's call is still open
     provider.release.set()
     led, shared = await leader, await asyncio.gather(*waiters)
     assert provider.calls == 1
@@ -87,11 +97,11 @@ async def test_identical_requests_on_two_replicas_make_one_call(prefix, clients)
 async def test_a_waiter_takes_over_when_the_leaders_lease_expires(prefix, clients) -> None:
     redis = clients()
     cache = replica(redis, prefix)
-    await redis.set("k:lease", "a-leader-that-died", px=300)
+    await redis.set(f"{prefix}:k:lease", "a-leader-that-died", px=300)
     provider = Provider()
     provider.release.set()
     t0 = time.monotonic()
-    flight = await cache.serve("k", provider.call, to_cached, None)
+    flight = await cache.serve(f"{prefix}:k", provider.call, to_cached, None)
     assert (flight.led, provider.calls) == ("answer", 1)
     assert time.monotonic() - t0 >= 0.25  # it waited for the lease to run out
 
@@ -99,16 +109,18 @@ async def test_a_waiter_takes_over_when_the_leaders_lease_expires(prefix, client
 async def test_waiting_on_another_replica_ends_at_the_deadline(prefix, clients) -> None:
     redis = clients()
     cache = replica(redis, prefix)
-    await redis.set("k:lease", "a-slow-leader", px=10_000)
+    await redis.set(f"{prefix}:k:lease", "a-slow-leader", px=10_000)
     provider = Provider()
     with pytest.raises(TimeoutError):
-        await cache.serve("k", provider.call, to_cached, time.monotonic() + 0.2)
+        await cache.serve(f"{prefix}:k", provider.call, to_cached, time.monotonic() + 0.2)
     assert provider.calls == 0
 
 
 async def test_joiners_of_a_failed_leader_call_again_and_share_the_retry(prefix, clients) -> None:
     cache, provider = replica(clients(), prefix), Provider(fail_first=1)
-    tasks = [asyncio.create_task(cache.serve("k", provider.call, to_cached, None)) for _ in range(5)]
+    tasks = [
+        asyncio.create_task(cache.serve(f"{prefix}:k", provider.call, to_cached, None)) for _ in range(5)
+    ]
     await asyncio.sleep(0)
     provider.release.set()
     flights = await asyncio.gather(*tasks)
@@ -120,8 +132,8 @@ async def test_joiners_of_a_failed_leader_call_again_and_share_the_retry(prefix,
 async def test_the_leader_stores_the_answer_and_the_next_request_hits_redis(prefix, clients) -> None:
     provider = Provider()
     provider.release.set()
-    await replica(clients(), prefix).serve("k", provider.call, to_cached, None)
-    flight = await replica(clients(), prefix).serve("k", provider.call, to_cached, None)
+    await replica(clients(), prefix).serve(f"{prefix}:k", provider.call, to_cached, None)
+    flight = await replica(clients(), prefix).serve(f"{prefix}:k", provider.call, to_cached, None)
     assert (flight.shared, flight.layer, provider.calls) == (ANSWER, "redis", 1)
 
 
@@ -129,15 +141,15 @@ async def test_refresh_calls_again_and_overwrites_the_answer(prefix, clients) ->
     redis = clients()
     cache = replica(redis, prefix)
     stale = CachedAnswer(ANSWER.answer, 9.0)
-    await cache.put("k", stale)
+    await cache.put(f"{prefix}:k", stale)
     provider = Provider()
     provider.release.set()
-    flight = await cache.serve("k", provider.call, to_cached, None, read=False)
+    flight = await cache.serve(f"{prefix}:k", provider.call, to_cached, None, read=False)
     assert (flight.led, provider.calls) == ("answer", 1)
-    assert CachedAnswer.from_bytes(await redis.get("k")) == ANSWER
+    assert CachedAnswer.from_bytes(await redis.get(f"{prefix}:k")) == ANSWER
 
 
 async def test_entries_in_redis_expire_after_the_ttl(prefix, clients) -> None:
     redis = clients()
-    await replica(redis, prefix, cache_ttl_s=120).put("k", ANSWER)
-    assert 110 < await redis.ttl("k") <= 120
+    await replica(redis, prefix, cache_ttl_s=120).put(f"{prefix}:k", ANSWER)
+    assert 110 < await redis.ttl(f"{prefix}:k") <= 120
