@@ -1,0 +1,118 @@
+"""Issue 5: sliding-window spend in the real Redis: one alert per threshold crossing (also under concurrent
+replicas), re-armed once spend falls below the threshold; budgets refuse before the call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from contracts import ErrorCode
+from tests.conftest import REDIS_URL
+from worker.cache import RedisGuard
+from worker.errors import RequestRejected
+from worker.settings import SpendSettings
+from worker.spend import SpendTracker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def redis(infra: None) -> AsyncIterator[Redis]:
+    r = Redis.from_url(REDIS_URL)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+def tracker(prefix: str, redis: Redis) -> Callable[..., SpendTracker]:
+    def make(clock: Clock | None = None, **settings: Any) -> SpendTracker:
+        return SpendTracker(redis, SpendSettings(**settings), prefix, RedisGuard(5), clock or Clock())
+
+    return make
+
+
+async def test_org_alert_fires_once_when_spend_crosses_the_threshold(tracker) -> None:
+    spend = tracker(cost_alert_window_s=3600, org_cost_alert_threshold_usd=1.0)
+    alerts = [await spend.record("org1", 0.4) for _ in range(5)]
+    assert [len(a) for a in alerts] == [0, 0, 1, 0, 0]
+    [alert] = alerts[2]
+    assert (alert.scope, alert.organization_id, alert.window_s) == ("organization", "org1", 3600)
+    assert (alert.spend_usd, alert.threshold_usd) == (pytest.approx(1.2), 1.0)
+
+
+async def test_org_alert_fires_again_after_spend_falls_below_and_crosses_again(tracker) -> None:
+    clock = Clock()
+    spend = tracker(clock, cost_alert_window_s=600, org_cost_alert_threshold_usd=1.0)
+    first = [await spend.record("org1", 0.6) for _ in range(2)]
+    clock.now += 600  # the window slides past both calls
+    second = [await spend.record("org1", 0.6) for _ in range(3)]
+    assert [len(a) for a in first + second] == [0, 1, 0, 1, 0]
+
+
+async def test_spend_slides_out_of_the_window(tracker) -> None:
+    clock = Clock()
+    spend = tracker(clock, cost_alert_window_s=600, org_cost_alert_threshold_usd=1.0)
+    await spend.record("org1", 0.9)
+    clock.now += 600
+    assert await spend.record("org1", 0.2) == []
+
+
+async def test_global_alert_sums_every_organization(tracker) -> None:
+    spend = tracker(cost_alert_threshold_usd=1.0)
+    alerts = [await spend.record(org, 0.4) for org in ("a", "b", None)]
+    assert [[x.scope for x in a] for a in alerts] == [[], [], ["global"]]
+    assert alerts[2][0].organization_id is None
+
+
+async def test_concurrent_replicas_alert_exactly_once_per_crossing(tracker) -> None:
+    clock = Clock()
+    replicas = [tracker(clock, org_cost_alert_threshold_usd=1.0) for _ in range(4)]
+    results = await asyncio.gather(*(replicas[i % 4].record("org1", 0.1) for i in range(40)))
+    assert sum(len(r) for r in results) == 1
+
+
+async def test_exact_sums_of_small_costs(tracker) -> None:
+    spend = tracker(org_cost_alert_threshold_usd=0.3)
+    alerts = [await spend.record("org1", 0.1) for _ in range(3)]  # 0.1 * 3 is 0.30000000000000004 in floats
+    assert [len(a) for a in alerts] == [0, 0, 1]
+    assert alerts[2][0].spend_usd == 0.3
+
+
+async def test_budget_refuses_a_call_that_would_exceed_it(tracker) -> None:
+    spend = tracker(org_budget_usd=1.0)
+    await spend.record("org1", 0.9)
+    await spend.check_budget("org1", 0.05)
+    with pytest.raises(RequestRejected) as exc:
+        await spend.check_budget("org1", 0.2)
+    assert exc.value.code is ErrorCode.COST_LIMIT_EXCEEDED
+    assert exc.value.details["organization_id"] == "org1"
+
+
+async def test_budget_is_per_organization(tracker) -> None:
+    spend = tracker(org_budget_usd=1.0)
+    await spend.record("org1", 1.5)
+    await spend.check_budget("org2", 0.5)
+    await spend.check_budget(None, 0.5)
+
+
+async def test_budget_window_lets_old_spend_go(tracker) -> None:
+    clock = Clock()
+    spend = tracker(clock, org_budget_usd=1.0, org_budget_window_s=86_400)
+    await spend.record("org1", 1.0)
+    clock.now += 86_400
+    await spend.check_budget("org1", 0.5)
+
+
+async def test_without_thresholds_or_budgets_nothing_is_written(tracker, redis, prefix) -> None:
+    await tracker().record("org1", 5.0)
+    assert await redis.keys(f"{prefix}:spend*") == []
