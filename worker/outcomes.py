@@ -9,6 +9,7 @@ falls back to plain at-least-once, counted in llm_worker_idempotency_degraded_to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from redis.exceptions import RedisError
 
 from worker import metrics
 from worker.emit import Outgoing
+from worker.redis_batch import RedisBatch
 
 log = logging.getLogger(__name__)
 
@@ -34,35 +36,39 @@ class StoredOutcome:
 
 
 class OutcomeStore:
+    """One hash per request: field m = the outcome's events, field e = "1" once they were acknowledged.
+    Commands go through a RedisBatch, so concurrent requests share round trips."""
+
     def __init__(self, redis: Redis, prefix: str, ttl_s: int) -> None:
-        self.redis = redis
+        self.batch = RedisBatch(redis)
         self.prefix = f"{prefix}:outcome:"
         self.ttl_s = ttl_s
 
     async def get(self, request_id: str) -> StoredOutcome | None:
         try:
-            raw = await self.redis.hgetall(self.prefix + request_id)
+            stored, emitted = await self.batch.execute("HMGET", self.prefix + request_id, "m", "e")
         except (RedisError, OSError) as exc:
             self._degraded("get", exc)
             return None
-        if not raw:
+        if stored is None:
             return None
-        messages = [Outgoing.from_json(item) for item in json.loads(raw[b"m"])]
-        return StoredOutcome(messages, emitted=raw.get(b"e") == b"1")
+        messages = [Outgoing.from_json(item) for item in json.loads(stored)]
+        return StoredOutcome(messages, emitted=emitted == b"1")
 
     async def put(self, request_id: str, messages: list[Outgoing]) -> None:
+        """Store the events before publishing them (HSET and EXPIRE queued into the same pipeline)."""
         key = self.prefix + request_id
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(key, "m", json.dumps([m.to_json() for m in messages]))
-                pipe.expire(key, self.ttl_s)
-                await pipe.execute()
+            await asyncio.gather(
+                self.batch.execute("HSET", key, "m", json.dumps([m.to_json() for m in messages])),
+                self.batch.execute("EXPIRE", key, self.ttl_s),
+            )
         except (RedisError, OSError) as exc:
             self._degraded("put", exc)
 
     async def mark_emitted(self, request_id: str) -> None:
         try:
-            await self.redis.hset(self.prefix + request_id, "e", "1")
+            await self.batch.execute("HSET", self.prefix + request_id, "e", "1")
         except (RedisError, OSError) as exc:
             self._degraded("mark_emitted", exc)
 
