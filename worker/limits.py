@@ -16,6 +16,7 @@ waiters of one limit in one process queue FIFO and only the head polls Redis.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from contracts import ErrorCode
 from worker import metrics
@@ -39,14 +40,20 @@ log = logging.getLogger(__name__)
 #: Output tokens assumed when the request sets no max_tokens.
 DEFAULT_OUTPUT_ESTIMATE = 1024
 
+# KEYS: one sorted set per window (its running sum is KEYS[i]..':sum'). ARGV[1]: the member id;
+# ARGV[2]: "limit:window_ms:cost" per window, comma-separated (few arguments: packing them is the
+# client's main cost). Returns {1, now_ms} when taken, {0, wait_ms} when not, {-1, i} when never.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = tonumber(ARGV[1])
-local id = ARGV[2]
-for i = 1, n do
-  local zkey, skey = KEYS[2 * i - 1], KEYS[2 * i]
-  local limit, window, cost = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+local id = ARGV[1]
+local specs = {}
+for limit, window, cost in string.gmatch(ARGV[2], '(%d+):(%d+):(%d+)') do
+  specs[#specs + 1] = {tonumber(limit), tonumber(window), tonumber(cost)}
+end
+for i, spec in ipairs(specs) do
+  local zkey, skey = KEYS[i], KEYS[i] .. ':sum'
+  local limit, window, cost = spec[1], spec[2], spec[3]
   if cost > limit then return {-1, i} end
   local old = redis.call('ZRANGEBYSCORE', zkey, '-inf', now - window)
   if #old > 0 then
@@ -69,23 +76,26 @@ for i = 1, n do
     end
   end
 end
-for i = 1, n do
-  local zkey, skey = KEYS[2 * i - 1], KEYS[2 * i]
-  local window, cost = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-  redis.call('ZADD', zkey, now, id .. ':' .. cost)
-  redis.call('INCRBY', skey, cost)
-  redis.call('PEXPIRE', zkey, window + 1000)
-  redis.call('PEXPIRE', skey, window + 1000)
+for i, spec in ipairs(specs) do
+  local zkey, skey = KEYS[i], KEYS[i] .. ':sum'
+  redis.call('ZADD', zkey, now, id .. ':' .. spec[3])
+  redis.call('INCRBY', skey, spec[3])
+  redis.call('PEXPIRE', zkey, spec[2] + 1000)
+  redis.call('PEXPIRE', skey, spec[2] + 1000)
 end
 return {1, now}
 """
 
+# KEYS: the token windows of one grant. ARGV: old member, new member, token delta.
 _CORRECT = """
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not s then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], s, ARGV[2])
-redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]))
+for i = 1, #KEYS do
+  local s = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if s then
+    redis.call('ZREM', KEYS[i], ARGV[1])
+    redis.call('ZADD', KEYS[i], s, ARGV[2])
+    redis.call('INCRBY', KEYS[i] .. ':sum', tonumber(ARGV[3]))
+  end
+end
 return 1
 """
 
@@ -114,6 +124,14 @@ class _Window:
     key: str
     limit: int
     is_tokens: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    script: int  # 0 acquire, 1 correct
+    keys: list[str]
+    args: list[Any]
+    reply: asyncio.Future[Any] | None
 
 
 @dataclass(slots=True)
@@ -215,23 +233,38 @@ class Limiter:
         self.redis_retry_s = redis_retry_s
         self.clock = clock
         self.sleep = sleep
-        self._acquire = redis.register_script(_ACQUIRE) if redis is not None else None
-        self._correct = redis.register_script(_CORRECT) if redis is not None else None
+        self._shas: tuple[str, str] | None = None  # (acquire, correct) once loaded
+        self._outbox: list[_Command] = []
+        self._sender: asyncio.Task[None] | None = None
         self._redis_down_until = -math.inf
         self._queues: dict[str, asyncio.Lock] = {}
         self._slots: dict[str, FifoSlots] = {}
         self._local: dict[str, _LocalWindow] = {}
+        self._targets: dict[tuple[str, str], tuple[list[tuple[str, Limit]], list[_Window]]] = {}
+        self._instance = uuid.uuid4().hex[:12]
+        self._serial = itertools.count()
 
-    def _scopes(self, provider: str, model: str) -> list[tuple[str, Limit]]:
-        return [
-            (s, lim) for s in (provider, f"{provider}:{model}") if (lim := self.limits.get(s)) is not None
-        ]
+    def _target(self, provider: str, model: str) -> tuple[list[tuple[str, Limit]], list[_Window]]:
+        """The limits a call to provider/model falls under, and their windows (computed once)."""
+        found = self._targets.get((provider, model))
+        if found is None:
+            scopes = [
+                (s, lim) for s in (provider, f"{provider}:{model}") if (lim := self.limits.get(s)) is not None
+            ]
+            windows = [
+                _Window(f"{self.key_prefix}:rl:{scope}:{kind}", limit, kind == "tpm")
+                for scope, lim in scopes
+                for kind, limit in (("rpm", lim.requests_per_minute), ("tpm", lim.tokens_per_minute))
+                if limit
+            ]
+            found = self._targets[(provider, model)] = (scopes, windows)
+        return found
 
     async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None = None) -> Grant:
         """Take capacity for one call, waiting (bounded by the deadline) for it. Raises ProviderError
         RATE_LIMIT with `limiter: local` when there is none in time; it carries no retry advice."""
         grant = Grant(provider, tokens)
-        scopes = self._scopes(provider, model)
+        scopes, windows = self._target(provider, model)
         if not scopes:
             return grant
         t0 = self.clock()
@@ -243,12 +276,6 @@ class Limiter:
                     async with asyncio.timeout(max(0.0, until - self.clock())):
                         await slots.acquire()
                     grant.slots.append(slots)
-            windows = [
-                _Window(f"{self.key_prefix}:rl:{scope}:{kind}", limit, kind == "tpm")
-                for scope, lim in scopes
-                for kind, limit in (("rpm", lim.requests_per_minute), ("tpm", lim.tokens_per_minute))
-                if limit
-            ]
             if windows:
                 await self._take_windows(grant, windows, provider, until)
         except TimeoutError:
@@ -276,15 +303,17 @@ class Limiter:
 
     async def _try(self, grant: Grant, windows: list[_Window]) -> float:
         """0.0 when taken; else seconds to wait."""
-        if self._acquire is not None and self.clock() >= self._redis_down_until:
-            member_id = uuid.uuid4().hex
-            keys: list[str] = []
-            args: list[Any] = [len(windows), member_id]
-            for w in windows:
-                keys += [w.key, w.key + ":sum"]
-                args += [w.limit, self.window_ms, grant.tokens if w.is_tokens else 1]
+        if self.redis is not None and self.clock() >= self._redis_down_until:
+            member_id = f"{self._instance}{next(self._serial)}"
+            keys = [w.key for w in windows]
+            spec = ",".join(
+                f"{w.limit}:{self.window_ms}:{grant.tokens if w.is_tokens else 1}" for w in windows
+            )
+            args = [member_id, spec]
             try:
-                ok, value = await self._acquire(keys=keys, args=args)
+                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._send(_Command(0, keys, args, fut))
+                ok, value = await fut
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
             else:
@@ -324,15 +353,55 @@ class Limiter:
         for lw, entry in grant.local:
             entry[1] += delta
             lw.used += delta
-        token_windows = [w for w in grant.shared if w.is_tokens]
-        if not token_windows or self._correct is None:
+        keys = [w.key for w in grant.shared if w.is_tokens]
+        if not keys or self.redis is None:
             return
         old, new = f"{grant.member_id}:{grant.tokens}", f"{grant.member_id}:{grant.tokens + delta}"
-        try:
-            for w in token_windows:
-                await self._correct(keys=[w.key, w.key + ":sum"], args=[old, new, delta])
-        except (RedisError, OSError) as exc:
-            self._redis_failed(exc)
+        self._send(_Command(1, keys, [old, new, delta], None))
+
+    def _send(self, command: _Command) -> None:
+        self._outbox.append(command)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_batches())
+
+    async def flush(self) -> None:
+        """Wait until everything queued (token corrections included) reached Redis."""
+        while self._sender is not None and not self._sender.done():
+            await self._sender
+
+    async def _send_batches(self) -> None:
+        """The one sender of Lua calls: whatever was queued while a pipeline was in flight goes together
+        in the next one (non-transactional; Redis runs the scripts in queue order, so FIFO holds). At low
+        load that is one call per round trip as before; under load the per-call cost of the client falls
+        instead of requests queueing behind each other's round trips. Corrections ride along unanswered."""
+        assert self.redis is not None
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            try:
+                if self._shas is None:
+                    self._shas = (
+                        str(await self.redis.script_load(_ACQUIRE)),
+                        str(await self.redis.script_load(_CORRECT)),
+                    )
+                pipe = self.redis.pipeline(transaction=False)
+                for c in batch:
+                    pipe.evalsha(self._shas[c.script], len(c.keys), *c.keys, *c.args)
+                results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                for c in batch:
+                    if c.reply is not None and not c.reply.done():
+                        c.reply.set_exception(exc)
+                continue
+            for c, result in zip(batch, results, strict=True):
+                if isinstance(result, NoScriptError):  # Redis restarted: load the scripts, send again
+                    self._shas = None
+                    self._outbox.append(c)
+                elif c.reply is None or c.reply.done():
+                    continue
+                elif isinstance(result, Exception):
+                    c.reply.set_exception(result)
+                else:
+                    c.reply.set_result(result)
 
     def release_slots(self, grant: Grant) -> None:
         for slots in grant.slots:

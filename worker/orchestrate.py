@@ -346,6 +346,8 @@ class Orchestrator:
         return cost
 
     async def aclose(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.flush()
         for provider in self.providers.values():
             await provider.aclose()
 
