@@ -4,13 +4,15 @@ The fake server runs in its own process (`llm-worker fake-server`) answering aft
 fixed time each client keeps --in-flight requests (1000) going; we print completed requests/s and the
 client process's CPU time per request (time.process_time() / completed):
 
-  provider/aiohttp   OpenAIProvider.compare() as the worker runs it: payload, POST on httpx with the
-                     httpx-aiohttp transport, pydantic parse, answer validation
-  provider/httpx     the same provider on httpx's default transport (pool raised to --in-flight)
-  raw httpx          bare httpx.AsyncClient POST of the same bytes, default transport (pool raised)
-  raw aiohttp        bare aiohttp.ClientSession POST of the same bytes (the floor)
+  a provider/aiohttp   OpenAIProvider.compare() as the worker runs it: payload, one POST on the
+                       httpx-aiohttp transport via HttpEndpoint, pydantic parse, answer validation
+  b provider/httpx     the same provider on httpx's default transport (pool raised to --in-flight)
+  c raw httpx          bare httpx.AsyncClient POST of the same bytes, default transport (pool raised)
+  d client+aiohttp     bare httpx.AsyncClient POST on the httpx-aiohttp transport (why HttpEndpoint
+                       skips AsyncClient)
+  e raw aiohttp        bare aiohttp.ClientSession POST of the same bytes (the floor)
 
-Usage: python bench/bench_http.py [--seconds 15] [--in-flight 1000] [--latency-ms 1000] [--only a,b]
+Usage: python bench/bench_http.py [--seconds 15] [--in-flight 1000] [--latency-ms 1000] [--only a,c]
 Other processes on the machine share the CPUs; the load average is printed with the figures.
 """
 
@@ -29,11 +31,13 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from pydantic import SecretStr
 
 from contracts import ProviderName
 from worker.providers import build_provider
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, ComparisonCall
+from worker.providers.http import HttpEndpoint
 from worker.providers.openai import OpenAIProvider
 from worker.settings import ProviderSettings
 
@@ -126,16 +130,19 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
         await provider.aclose()
 
     if only is None or "b" in only:
-        client = httpx.AsyncClient(
-            base_url=f"{base_url}/v1", headers={"authorization": "Bearer sk-bench"}, limits=limits, timeout=60
+        endpoint = HttpEndpoint(
+            httpx.AsyncHTTPTransport(limits=limits),
+            f"{base_url}/v1",
+            {"authorization": "Bearer sk-bench", "content-type": "application/json"},
+            {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0},
         )
-        plain = OpenAIProvider("openai", MODEL, client)
+        plain = OpenAIProvider("openai", MODEL, endpoint)
 
         async def via_plain_provider(i: int) -> None:
             await plain.compare(the_call(i))
 
         await measure("provider/httpx", via_plain_provider, args.seconds, args.in_flight)
-        await client.aclose()
+        await plain.aclose()
 
     if only is None or "c" in only:
         async with httpx.AsyncClient(limits=limits, timeout=60) as raw:
@@ -148,6 +155,17 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
             await measure("raw httpx", via_httpx, args.seconds, args.in_flight)
 
     if only is None or "d" in only:
+        transport = AiohttpTransport(limits=limits)
+        async with httpx.AsyncClient(transport=transport, timeout=60) as wrapped:
+            url = f"{base_url}/v1/chat/completions"
+
+            async def via_client_aiohttp(i: int) -> None:
+                response = await wrapped.post(url, content=body, headers=headers)
+                response.raise_for_status()
+
+            await measure("client+aiohttp", via_client_aiohttp, args.seconds, args.in_flight)
+
+    if only is None or "e" in only:
         connector = aiohttp.TCPConnector(limit=args.in_flight)
         async with aiohttp.ClientSession(connector=connector) as session:
             url = f"{base_url}/v1/chat/completions"
@@ -165,7 +183,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--in-flight", type=int, default=1000)
     parser.add_argument("--latency-ms", type=float, default=1000.0)
-    parser.add_argument("--only", default="", help="subset of a,b,c,d (see the docstring)")
+    parser.add_argument("--only", default="", help="subset of a,b,c,d,e (see the docstring)")
     args = parser.parse_args()
     port = free_port()
     server = start_fake_server(port, args.latency_ms)

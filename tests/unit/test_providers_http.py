@@ -10,7 +10,7 @@ import pytest
 
 from contracts import ErrorCode
 from worker.errors import ProviderError
-from worker.providers.http import classify_error, make_client, post_json
+from worker.providers.http import HttpEndpoint, classify_error, make_endpoint
 from worker.settings import ProviderSettings
 
 from .fake_providers import fake_server
@@ -175,20 +175,20 @@ async def test_an_httpx_timeout_is_timeout() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("slow", request=request)
 
-    client = httpx.AsyncClient(base_url="http://provider", transport=httpx.MockTransport(handler))
+    endpoint = HttpEndpoint(httpx.MockTransport(handler), "http://provider", {})
     with pytest.raises(ProviderError) as caught:
-        await post_json(client, "openai", "/chat/completions", {})
+        await endpoint.post_json("openai", "/chat/completions", {})
     assert caught.value.code is ErrorCode.TIMEOUT
     assert caught.value.retryable is True
 
 
 async def test_a_slow_answer_over_the_read_timeout_is_timeout_on_the_aiohttp_transport() -> None:
     async with fake_server(slow_ms=600) as (server, url):
-        client = make_client(ProviderSettings(http_read_timeout_s=0.2), url, {})
+        endpoint = make_endpoint(ProviderSettings(http_read_timeout_s=0.2), url, {})
         server.enqueue("slow")
         with pytest.raises(ProviderError) as caught:
-            await post_json(client, "openai", "/v1/chat/completions", {"model": "m", "messages": []})
-        await client.aclose()
+            await endpoint.post_json("openai", "/v1/chat/completions", {"model": "m", "messages": []})
+        await endpoint.aclose()
     assert caught.value.code is ErrorCode.TIMEOUT
 
 
@@ -196,19 +196,46 @@ async def test_a_refused_connection_is_connection_error_not_timeout() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    client = make_client(ProviderSettings(), f"http://127.0.0.1:{port}", {})
+    endpoint = make_endpoint(ProviderSettings(), f"http://127.0.0.1:{port}", {})
     with pytest.raises(ProviderError) as caught:
-        await post_json(client, "openai", "/v1/chat/completions", {})
-    await client.aclose()
+        await endpoint.post_json("openai", "/v1/chat/completions", {})
+    await endpoint.aclose()
     assert caught.value.code is ErrorCode.CONNECTION_ERROR
     assert caught.value.retryable is True
 
 
 async def test_a_server_that_hangs_up_is_connection_error() -> None:
     async with fake_server() as (server, url):
-        client = make_client(ProviderSettings(), url, {})
+        endpoint = make_endpoint(ProviderSettings(), url, {})
         server.enqueue("hangup")
         with pytest.raises(ProviderError) as caught:
-            await post_json(client, "anthropic", "/v1/messages", {"model": "m"})
-        await client.aclose()
+            await endpoint.post_json("anthropic", "/v1/messages", {"model": "m"})
+        await endpoint.aclose()
     assert caught.value.code is ErrorCode.CONNECTION_ERROR
+
+
+async def test_the_endpoint_sends_one_post_with_fixed_headers_and_json_body() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b'{"ok": true}')
+
+    endpoint = HttpEndpoint(httpx.MockTransport(handler), "http://provider/v1", {"authorization": "Bearer k"})
+    assert await endpoint.post_json("openai", "/chat/completions", {"model": "m"}) == b'{"ok": true}'
+    [request] = seen
+    assert request.method == "POST"
+    assert str(request.url) == "http://provider/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer k"
+    assert json.loads(request.content) == {"model": "m"}
+
+
+async def test_a_non_2xx_answer_is_classified_from_its_status_body_and_headers() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, content=body(OPENAI_429), headers={"retry-after": "3"})
+
+    endpoint = HttpEndpoint(httpx.MockTransport(handler), "http://provider", {})
+    with pytest.raises(ProviderError) as caught:
+        await endpoint.post_json("openai", "/chat/completions", {})
+    assert caught.value.code is ErrorCode.RATE_LIMIT
+    assert caught.value.retry_after_s == 3.0

@@ -7,7 +7,7 @@ from contracts import ProviderName
 from worker.providers.anthropic import AnthropicProvider
 from worker.providers.base import Provider
 from worker.providers.gemini import GeminiProvider
-from worker.providers.http import make_client
+from worker.providers.http import make_endpoint
 from worker.providers.mock import MockProvider
 from worker.providers.openai import OPENAI, OPENROUTER, OpenAIProvider
 from worker.settings import ProviderSettings, Settings
@@ -50,34 +50,34 @@ def _configured(name: ProviderName, s: ProviderSettings) -> bool:
 
 
 def build_provider(name: ProviderName, s: ProviderSettings) -> Provider | None:
-    """One real provider with its own pooled client, or None when it is not configured."""
+    """One real provider with its own connection pool, or None when it is not configured."""
     if not _configured(name, s):
         return None
     if name is ProviderName.OPENAI and s.openai_api_key:
-        client = make_client(s, s.openai_base_url, _bearer(s.openai_api_key.get_secret_value()))
-        return OpenAIProvider(name.value, s.openai_default_model, client, OPENAI)
+        http = make_endpoint(s, s.openai_base_url, _bearer(s.openai_api_key.get_secret_value()))
+        return OpenAIProvider(name.value, s.openai_default_model, http, OPENAI)
     if name is ProviderName.OPENROUTER and s.openrouter_api_key:
         headers = _bearer(s.openrouter_api_key.get_secret_value())
         headers.update({"HTTP-Referer": s.openrouter_referer, "X-Title": s.openrouter_title})
-        client = make_client(s, s.openrouter_base_url, headers)
-        return OpenAIProvider(name.value, s.openrouter_default_model, client, OPENROUTER)
+        http = make_endpoint(s, s.openrouter_base_url, headers)
+        return OpenAIProvider(name.value, s.openrouter_default_model, http, OPENROUTER)
     if (
         name is ProviderName.OPENAI_COMPATIBLE
         and s.openai_compatible_api_key
         and s.openai_compatible_base_url
     ):
         key = s.openai_compatible_api_key.get_secret_value()
-        client = make_client(s, s.openai_compatible_base_url, _bearer(key))
-        return OpenAIProvider(name.value, s.openai_compatible_default_model, client, OPENAI)
+        http = make_endpoint(s, s.openai_compatible_base_url, _bearer(key))
+        return OpenAIProvider(name.value, s.openai_compatible_default_model, http, OPENAI)
     if name is ProviderName.ANTHROPIC and s.anthropic_api_key:
         headers = {
             "x-api-key": s.anthropic_api_key.get_secret_value(),
             "anthropic-version": s.anthropic_version,
         }
-        return AnthropicProvider(s.anthropic_default_model, make_client(s, s.anthropic_base_url, headers))
+        return AnthropicProvider(s.anthropic_default_model, make_endpoint(s, s.anthropic_base_url, headers))
     if name is ProviderName.GOOGLE and s.gemini_api_key:
         headers = {"x-goog-api-key": s.gemini_api_key.get_secret_value()}
-        return GeminiProvider(s.gemini_default_model, make_client(s, s.gemini_base_url, headers))
+        return GeminiProvider(s.gemini_default_model, make_endpoint(s, s.gemini_base_url, headers))
     return None
 
 

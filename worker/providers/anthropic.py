@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from contracts import ErrorCode, PromptBlock, TokenUsage
 from worker.errors import ProviderError
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
-from worker.providers.http import billed_failure, parse_billed_answer, post_json
+from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer
 
 TOOL_NAME = "record_comparison"
 DEFAULT_MAX_TOKENS = 1024
@@ -77,10 +76,10 @@ class _Message(BaseModel):
 
 
 class AnthropicProvider:
-    def __init__(self, default_model: str, client: httpx.AsyncClient, name: str = "anthropic") -> None:
+    def __init__(self, default_model: str, http: HttpEndpoint, name: str = "anthropic") -> None:
         self.name = name
         self.default_model = default_model
-        self.client = client
+        self.http = http
 
     def build_payload(self, call: ComparisonCall) -> dict[str, Any]:
         system_blocks = [b for b in call.prompt_blocks if b.target == "system"]
@@ -114,7 +113,7 @@ class AnthropicProvider:
         return payload
 
     async def compare(self, call: ComparisonCall) -> Answer:
-        body = await post_json(self.client, self.name, "/v1/messages", self.build_payload(call))
+        body = await self.http.post_json(self.name, "/v1/messages", self.build_payload(call))
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
@@ -139,4 +138,4 @@ class AnthropicProvider:
         return parse_billed_answer(tool.input, requested_model, usage, self.name)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.http.aclose()

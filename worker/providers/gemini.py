@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from contracts import ErrorCode, TokenUsage
 from worker.errors import ProviderError
 from worker.providers.base import Answer, ComparisonCall
-from worker.providers.http import billed_failure, parse_billed_answer, post_json
+from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer
 
 #: The comparison schema in Gemini's Schema dialect (OpenAPI subset: upper-case types, no
 #: additionalProperties, explicit property order).
@@ -74,10 +73,10 @@ class _Response(BaseModel):
 
 
 class GeminiProvider:
-    def __init__(self, default_model: str, client: httpx.AsyncClient, name: str = "google") -> None:
+    def __init__(self, default_model: str, http: HttpEndpoint, name: str = "google") -> None:
         self.name = name
         self.default_model = default_model
-        self.client = client
+        self.http = http
 
     def build_payload(self, call: ComparisonCall) -> dict[str, Any]:
         user_parts = [{"text": b.content} for b in call.prompt_blocks if b.target == "user_content"]
@@ -97,7 +96,7 @@ class GeminiProvider:
 
     async def compare(self, call: ComparisonCall) -> Answer:
         path = f"/v1beta/models/{call.model}:generateContent"
-        body = await post_json(self.client, self.name, path, self.build_payload(call))
+        body = await self.http.post_json(self.name, path, self.build_payload(call))
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
@@ -134,4 +133,4 @@ class GeminiProvider:
         return parse_billed_answer(obj, requested_model, usage, self.name)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.http.aclose()

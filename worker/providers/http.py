@@ -1,4 +1,4 @@
-"""The HTTP edge shared by the real providers: one pooled client per provider, one POST per call, and the
+"""The HTTP edge shared by the real providers: one connection pool per provider, one POST per call, and the
 one place where HTTP failures become ProviderErrors.
 
     no answer   httpx.TimeoutException      -> TIMEOUT
@@ -10,8 +10,8 @@ one place where HTTP failures become ProviderErrors.
                 408 -> TIMEOUT; 429 -> RATE_LIMIT (not retryable when the quota is spent)
                 409, 5xx, 529 overloaded -> EXTERNAL_SERVICE_ERROR (retryable)
 
-The client uses the aiohttp transport (httpx-aiohttp): httpx's own pool spends far more CPU per request
-at high concurrency (encode/httpx#3215), which bench/bench_http.py measures.
+Requests use the aiohttp transport (httpx-aiohttp): httpx's own pool spends far more CPU per request at
+high concurrency (encode/httpx#3215), which bench/bench_http.py measures.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import email.utils
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -31,6 +33,7 @@ from worker.providers.base import Answer, parse_answer
 from worker.settings import ProviderSettings
 
 _MESSAGE_CHARS = 300
+_MAX_CACHED_URLS = 256
 
 _TOO_LONG_HINTS = (
     "context_length_exceeded",
@@ -46,43 +49,113 @@ _POLICY_HINTS = ("content_policy_violation", "content_filter", "safety")
 _QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "billing")
 
 
-def make_client(settings: ProviderSettings, base_url: str, headers: Mapping[str, str]) -> httpx.AsyncClient:
-    """A pooled client on the aiohttp transport with timeouts and pool size from the settings."""
+class AiohttpBodyTransport(AiohttpTransport):
+    """httpx-aiohttp's transport, reading each (small, JSON) answer whole in one `read()` instead of
+    streaming it through httpx's async byte iterators, and raising the right httpx error: the upstream
+    map turns every aiohttp connection error (refused, reset, hung up) into httpx.ConnectTimeout."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        timeout = request.extensions.get("timeout", {})
+        try:
+            async with self.client.request(
+                request.method,
+                str(request.url),
+                headers=request.headers,
+                data=request.content or None,
+                allow_redirects=False,
+                auto_decompress=False,  # httpx decodes by content-encoding when the body is read
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=timeout.get("connect"),
+                    sock_read=timeout.get("read"),
+                    connect=timeout.get("pool"),
+                ),
+            ) as response:
+                content = await response.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is a TimeoutError too
+            raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        return httpx.Response(response.status, headers=response.raw_headers, content=content, request=request)
+
+
+@dataclass(slots=True)
+class HttpEndpoint:
+    """One provider's base URL, fixed headers (auth) and timeouts over a pooled httpx transport.
+
+    Requests go straight to the transport (`handle_async_request`, httpx's one seam, so tests pass an
+    httpx.MockTransport) rather than through httpx.AsyncClient: the client's cookie jar, redirect and
+    auth machinery and per-call URL merging cost more CPU per call than the whole aiohttp request
+    (bench/bench_http.py), and a provider call needs none of them."""
+
+    transport: httpx.AsyncBaseTransport
+    base_url: str
+    headers: dict[str, str]
+    timeout: dict[str, float | None] = field(default_factory=dict)
+    _urls: dict[str, httpx.URL] = field(default_factory=dict)
+
+    def url(self, path: str) -> httpx.URL:
+        """Parsed once per path (parsing is a third of httpx.Request's cost); bounded, since Gemini's
+        path carries the model name."""
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) < _MAX_CACHED_URLS:
+                self._urls[path] = url
+        return url
+
+    async def post_json(self, provider: str, path: str, payload: dict[str, Any]) -> bytes:
+        """POST `payload` once; the 2xx body, or a classified ProviderError."""
+        request = httpx.Request(
+            "POST",
+            self.url(path),
+            content=json.dumps(payload).encode(),
+            headers=self.headers,
+            extensions={"timeout": self.timeout},
+        )
+        try:
+            response = await self.transport.handle_async_request(request)
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+        except httpx.TransportError as exc:
+            raise classify_transport_error(provider, exc) from exc
+        if response.status_code >= 300:
+            raise classify_error(provider, response.status_code, body, response.headers)
+        return body
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def make_endpoint(settings: ProviderSettings, base_url: str, headers: Mapping[str, str]) -> HttpEndpoint:
+    """An endpoint on the aiohttp transport with pool size and timeouts from the settings."""
     limits = httpx.Limits(
         max_connections=settings.http_max_connections,
         max_keepalive_connections=settings.http_max_connections,
         keepalive_expiry=settings.http_keepalive_expiry_s,
     )
-    timeout = httpx.Timeout(
-        connect=settings.http_connect_timeout_s,
-        read=settings.http_read_timeout_s,
-        write=settings.http_read_timeout_s,
-        pool=settings.http_read_timeout_s,
+    timeout: dict[str, float | None] = {
+        "connect": settings.http_connect_timeout_s,
+        "read": settings.http_read_timeout_s,
+        "write": settings.http_read_timeout_s,
+        "pool": settings.http_read_timeout_s,
+    }
+    return HttpEndpoint(
+        AiohttpBodyTransport(limits=limits),
+        base_url.rstrip("/"),
+        {**headers, "content-type": "application/json"},
+        timeout,
     )
-    return httpx.AsyncClient(
-        base_url=base_url.rstrip("/"),
-        headers=dict(headers),
-        timeout=timeout,
-        transport=AiohttpTransport(limits=limits),
-    )
-
-
-async def post_json(client: httpx.AsyncClient, provider: str, path: str, payload: dict[str, Any]) -> bytes:
-    """POST `payload` once; the 2xx body, or a classified ProviderError."""
-    try:
-        response = await client.post(
-            path, content=json.dumps(payload).encode(), headers={"content-type": "application/json"}
-        )
-    except httpx.TransportError as exc:
-        raise classify_transport_error(provider, exc) from exc
-    if response.status_code >= 300:
-        raise classify_error(provider, response.status_code, response.content, response.headers)
-    return response.content
 
 
 def classify_transport_error(provider: str, exc: httpx.TransportError) -> ProviderError:
-    """No answer: a timeout or a connection that failed. httpx-aiohttp maps every aiohttp connection
-    error (refused, reset, server hung up) to httpx.ConnectTimeout, so the aiohttp cause decides."""
+    """No answer: a timeout or a connection that failed. When the error came from aiohttp its cause
+    decides (the stock httpx-aiohttp map calls a refused connection a ConnectTimeout)."""
     cause = exc.__cause__
     if cause is not None and not isinstance(cause, TimeoutError):
         timed_out = False

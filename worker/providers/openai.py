@@ -8,13 +8,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from contracts import ErrorCode, TokenUsage
 from worker.errors import ProviderError
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
-from worker.providers.http import billed_failure, parse_billed_answer, post_json
+from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer
 
 #: The comparison schema in the strict-mode subset (no string length limits; parse_answer checks them).
 STRICT_SCHEMA: dict[str, Any] = {
@@ -108,14 +107,14 @@ class _Completion(BaseModel):
 
 
 class OpenAIProvider:
-    """One Chat Completions endpoint. `client` carries base URL, auth and provider headers."""
+    """One Chat Completions endpoint. `http` carries base URL, auth and provider headers."""
 
     def __init__(
-        self, name: str, default_model: str, client: httpx.AsyncClient, dialect: OpenAIDialect = OPENAI
+        self, name: str, default_model: str, http: HttpEndpoint, dialect: OpenAIDialect = OPENAI
     ) -> None:
         self.name = name
         self.default_model = default_model
-        self.client = client
+        self.http = http
         self.dialect = dialect
 
     def build_payload(self, call: ComparisonCall) -> dict[str, Any]:
@@ -154,7 +153,7 @@ class OpenAIProvider:
         return payload
 
     async def compare(self, call: ComparisonCall) -> Answer:
-        body = await post_json(self.client, self.name, "/chat/completions", self.build_payload(call))
+        body = await self.http.post_json(self.name, "/chat/completions", self.build_payload(call))
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
@@ -189,4 +188,4 @@ class OpenAIProvider:
         return parse_billed_answer(obj, requested_model, usage, self.name)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.http.aclose()
