@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from worker.app import create_app
 
-        asyncio.run(create_app().run())
+        uvloop.run(create_app().run())
         return 0
     if args.command == "send":
         return asyncio.run(send(KafkaSettings(), args.count, args.timeout, args.bypass_cache))

@@ -9,7 +9,6 @@ falls back to plain at-least-once, counted in llm_worker_idempotency_degraded_to
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -36,17 +35,21 @@ class StoredOutcome:
 
 
 class OutcomeStore:
-    """One hash per request: field m = the outcome's events, field e = "1" once they were acknowledged.
-    Commands go through a RedisBatch, so concurrent requests share round trips."""
+    """Two keys per request, both with the TTL: `<prefix>:outcome:<id>` = the outcome's events, and
+    `<prefix>:emitted:<id>` = "1" once Kafka acknowledged them. Three commands per request (MGET, SET,
+    SET), sent through a RedisBatch so concurrent requests share round trips."""
 
     def __init__(self, redis: Redis, prefix: str, ttl_s: int) -> None:
         self.batch = RedisBatch(redis)
         self.prefix = f"{prefix}:outcome:"
+        self.emitted_prefix = f"{prefix}:emitted:"
         self.ttl_s = ttl_s
 
     async def get(self, request_id: str) -> StoredOutcome | None:
         try:
-            stored, emitted = await self.batch.execute("HMGET", self.prefix + request_id, "m", "e")
+            stored, emitted = await self.batch.execute(
+                "MGET", self.prefix + request_id, self.emitted_prefix + request_id
+            )
         except (RedisError, OSError) as exc:
             self._degraded("get", exc)
             return None
@@ -56,19 +59,16 @@ class OutcomeStore:
         return StoredOutcome(messages, emitted=emitted == b"1")
 
     async def put(self, request_id: str, messages: list[Outgoing]) -> None:
-        """Store the events before publishing them (HSET and EXPIRE queued into the same pipeline)."""
-        key = self.prefix + request_id
+        """Store the events before publishing them."""
+        value = json.dumps([m.to_json() for m in messages])
         try:
-            await asyncio.gather(
-                self.batch.execute("HSET", key, "m", json.dumps([m.to_json() for m in messages])),
-                self.batch.execute("EXPIRE", key, self.ttl_s),
-            )
+            await self.batch.execute("SET", self.prefix + request_id, value, "EX", self.ttl_s)
         except (RedisError, OSError) as exc:
             self._degraded("put", exc)
 
     async def mark_emitted(self, request_id: str) -> None:
         try:
-            await self.batch.execute("HSET", self.prefix + request_id, "e", "1")
+            await self.batch.execute("SET", self.emitted_prefix + request_id, "1", "EX", self.ttl_s)
         except (RedisError, OSError) as exc:
             self._degraded("mark_emitted", exc)
 
