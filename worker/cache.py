@@ -218,12 +218,11 @@ class RedisGuard:
         return result
 
     async def probe(self, ping: Callable[[], Awaitable[Any]]) -> None:
-        """Readiness check: when degraded and the retry time has come, try Redis now."""
-        if self._open_until is not None:
-            try:
-                await self.call("ping", ping)
-            except RedisUnavailable:
-                pass
+        """Readiness check: ping Redis (when degraded, only once the retry time has come)."""
+        try:
+            await self.call("ping", ping)
+        except RedisUnavailable:
+            pass
 
     def _allow(self) -> bool:
         if self._open_until is None:
