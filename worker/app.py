@@ -70,7 +70,7 @@ class Runtime:
         """Build resources and start consuming; the broker must be connected."""
         s = self.settings
         if s.service.metrics_port:
-            start_http_server(s.service.metrics_port, addr="127.0.0.1")
+            start_http_server(s.service.metrics_port, addr=s.service.metrics_host)
         # A blocking pool: with hundreds of requests in flight, callers wait for a connection instead of
         # failing with "Too many connections" (which would silently drop idempotency records).
         pool = BlockingConnectionPool.from_url(

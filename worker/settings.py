@@ -62,6 +62,7 @@ class ServiceSettings(BaseSettings):
     default_provider: ProviderName = ProviderName.MOCK
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: int = Field(default=0, ge=0, description="Prometheus /metrics port; 0 = off.")
+    metrics_host: str = Field(default="127.0.0.1", description="Address the metrics server binds.")
     price_table_path: str | None = None
 
 
