@@ -143,9 +143,11 @@ async def test_two_workers_share_partitions_and_nothing_is_lost_when_one_leaves(
         second = await second_cm.__aenter__()
         try:
             await _until(
-                lambda: len(first.loop.trackers) + len(second.loop.trackers) == 6
-                and first.loop.trackers
-                and second.loop.trackers,
+                lambda: (
+                    len(first.loop.trackers) + len(second.loop.trackers) == 6
+                    and first.loop.trackers
+                    and second.loop.trackers
+                ),
                 what="both workers to own partitions",
             )
             envelopes = [request_envelope(i) for i in range(300)]
