@@ -44,6 +44,8 @@ class Attempt:
     usage: TokenUsage | None
     cost: Cost | None
     error_code: ErrorCode | None = None
+    #: Cut off before it ended (a hedge's loser, or shutdown); usage unknown.
+    cancelled: bool = False
 
 
 @dataclass(slots=True)
@@ -71,6 +73,8 @@ class FallbackPolicy:
     chain: tuple[str, ...] = ()
     #: Fall back even when the request did not ask for it.
     always: bool = False
+    #: Start the next provider too when a call runs past its provider's observed p95 latency.
+    hedge: bool = False
 
 
 def should_retry(error: BaseException | None, attempts_so_far: Sequence[Attempt]) -> bool:
@@ -148,7 +152,7 @@ class Orchestrator:
                 r.retry_max_wait_s,
                 r.retry_after_cap_s,
             ),
-            fallback=FallbackPolicy(r.chain, r.fallback_enabled),
+            fallback=FallbackPolicy(r.chain, r.fallback_enabled, r.hedge_enabled),
         )
 
     def resolve(self, request: LLMComparisonRequestV1) -> ComparisonCall:
@@ -188,20 +192,59 @@ class Orchestrator:
     ) -> CallOutcome:
         """Answer the call, bounded by the deadline (a monotonic time). Never raises WorkerError."""
         outcome = CallOutcome(call)
-        for i, candidate in enumerate(self._candidates(call, allow_fallback or self.fallback.always)):
+        candidates = self._candidates(call, allow_fallback or self.fallback.always)
+        i = 0
+        while i < len(candidates):
             if i:
-                metrics.FALLBACKS.labels(
-                    outcome.attempts[-1].provider if outcome.attempts else call.provider, candidate.provider
-                ).inc()
-            error = await self._run_provider(candidate, deadline_s, outcome)
-            outcome.error = error
-            if error is None:
-                outcome.answered_by = candidate
+                metrics.FALLBACKS.labels(candidates[i - 1].provider, candidates[i].provider).inc()
+            nxt = candidates[i + 1] if self.fallback.hedge and i + 1 < len(candidates) else None
+            if nxt is None:
+                answered_by, (answer, error), used = (
+                    candidates[i],
+                    await self._run_provider(candidates[i], deadline_s, outcome),
+                    1,
+                )
+            else:
+                answered_by, answer, error, used = await self._run_hedged(
+                    candidates[i], nxt, deadline_s, outcome
+                )
+            i += used
+            outcome.answer, outcome.error = answer, error
+            if answer is not None:
+                outcome.answered_by = answered_by
                 break
-            if not falls_back(error) or len(outcome.attempts) >= self.retry.attempt_budget:
+            if error is None or not falls_back(error) or len(outcome.attempts) >= self.retry.attempt_budget:
                 break
         metrics.ATTEMPTS_PER_REQUEST.observe(len(outcome.attempts))
         return outcome
+
+    async def _run_hedged(
+        self, call: ComparisonCall, hedge: ComparisonCall, deadline_s: float | None, outcome: CallOutcome
+    ) -> tuple[ComparisonCall, Answer | None, WorkerError | None, int]:
+        """Run `call`; if it is still running past its provider's observed p95 latency, start `hedge` too
+        and take the first answer, cancelling the other. Returns who answered, the answer or last error,
+        and how many candidates were used (1 when no hedge was started)."""
+        first = asyncio.create_task(self._run_provider(call, deadline_s, outcome))
+        p95_s = self.router.latency_p95_s(call.provider)
+        done, _ = await asyncio.wait({first}, timeout=p95_s)
+        if done:
+            return (call, *first.result(), 1)
+        metrics.ATTEMPTS.labels(hedge.provider, "hedge").inc()
+        pending = {first: call, asyncio.create_task(self._run_provider(hedge, deadline_s, outcome)): hedge}
+        error: WorkerError | None = None
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    who = pending.pop(task)
+                    answer, error = task.result()
+                    if answer is not None:
+                        return who, answer, None, 2
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        return call, None, error, 2
 
     def _candidates(self, call: ComparisonCall, fallback: bool) -> list[ComparisonCall]:
         if not fallback:
@@ -215,19 +258,23 @@ class Orchestrator:
 
     async def _run_provider(
         self, call: ComparisonCall, deadline_s: float | None, outcome: CallOutcome
-    ) -> WorkerError | None:
-        """Call one provider with retries; the answer lands in outcome, the last error is returned."""
+    ) -> tuple[Answer | None, WorkerError | None]:
+        """Call one provider with retries: its answer, or the last error."""
         provider = self.providers.get(call.provider)
         if provider is None:
-            return RequestRejected(
+            return None, RequestRejected(
                 ErrorCode.CONFIGURATION_ERROR,
                 f"provider {call.provider!r} is not configured",
                 provider=call.provider,
             )
         breaker = self.breakers[call.provider]
         first = len(outcome.attempts)
+
+        def mine() -> list[Attempt]:
+            return [a for a in outcome.attempts[first:] if a.provider == call.provider]
+
         retrying = AsyncRetrying(
-            retry=lambda rs: should_retry(_exception(rs), outcome.attempts[first:]),
+            retry=lambda rs: should_retry(_exception(rs), mine()),
             wait=self._wait,
             stop=lambda rs: self._stop(rs, deadline_s, outcome),
             sleep=self.sleep,
@@ -237,10 +284,10 @@ class Orchestrator:
         try:
             async for attempt in retrying:
                 with attempt:
-                    outcome.answer = await self._attempt(provider, call, breaker, deadline_s, outcome)
+                    return await self._attempt(provider, call, breaker, deadline_s, outcome), None
         except WorkerError as exc:
-            return exc
-        return None
+            return None, exc
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     def _wait(self, rs: RetryCallState) -> float:
         """Full-jitter exponential backoff, or the provider's Retry-After (capped) when it sent one."""
@@ -294,10 +341,15 @@ class Orchestrator:
             error = exc
         finally:
             duration_s = time.perf_counter() - t0
-            if answer is None and error is None:  # cancelled: not the provider's fault, nothing billed
+            if answer is None and error is None:  # cancelled: not the provider's fault, usage unknown
                 breaker.release()
                 if grant is not None and self.limiter is not None:
                     self.limiter.release_slots(grant)
+                outcome.attempts.append(
+                    Attempt(
+                        call.provider, call.model, started_at, int(duration_s * 1000), None, None, None, True
+                    )
+                )
         usage = answer.usage if answer else _billed_usage(error)
         if grant is not None and self.limiter is not None:
             await self.limiter.settle(grant, usage.total_tokens if usage else None)

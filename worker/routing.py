@@ -4,6 +4,7 @@ chain. The same strategy orders the fallback chain."""
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Sequence
 from enum import StrEnum
 
@@ -48,6 +49,7 @@ class Router:
         self.prices = prices
         self.ewma_alpha = ewma_alpha
         self.latency_ewma_s: dict[str, float] = {}
+        self._recent_s: dict[str, deque[float]] = {}
         self._turn = itertools.count()
 
     def order(self, candidates: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -65,6 +67,15 @@ class Router:
         previous = self.latency_ewma_s.get(provider)
         a = self.ewma_alpha
         self.latency_ewma_s[provider] = latency_s if previous is None else a * latency_s + (1 - a) * previous
+        self._recent_s.setdefault(provider, deque(maxlen=200)).append(latency_s)
+
+    def latency_p95_s(self, provider: str, min_samples: int = 20) -> float | None:
+        """p95 of the provider's last 200 call latencies; None until `min_samples` were seen."""
+        recent = self._recent_s.get(provider)
+        if recent is None or len(recent) < min_samples:
+            return None
+        ordered = sorted(recent)
+        return ordered[int(0.95 * (len(ordered) - 1))]
 
     def _rate(self, model: str) -> float:
         price = self.prices.prices.get(model)

@@ -161,6 +161,9 @@ class ResilienceSettings(BaseSettings):
     )
     expected_replicas: int = Field(default=1, ge=1, description="Local share = limit / this, Redis down.")
     rate_limit_max_wait_s: float = Field(default=120.0, ge=0, description="Wait for capacity, no deadline.")
+    hedge_enabled: bool = Field(
+        default=False, description="Past a provider's p95 latency, also ask the next one (needs fallback)."
+    )
 
     @property
     def chain(self) -> tuple[str, ...]:

@@ -126,3 +126,15 @@ def test_latency_ewma_weights_recent_observations() -> None:
     router.observe_latency("p", 1.0)
     router.observe_latency("p", 2.0)
     assert router.latency_ewma_s["p"] == pytest.approx(1.2)
+
+
+def test_latency_p95_needs_enough_samples_then_tracks_the_tail() -> None:
+    router = Router(Strategy.LATENCY, PRICES)
+    for _ in range(19):
+        router.observe_latency("p", 0.1)
+    assert router.latency_p95_s("p") is None
+    for _ in range(81):
+        router.observe_latency("p", 0.1)
+    for _ in range(10):
+        router.observe_latency("p", 3.0)
+    assert router.latency_p95_s("p") == 3.0

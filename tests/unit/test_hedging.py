@@ -1,0 +1,66 @@
+"""Hedging: past the provider's observed p95, the next provider is asked too; first answer wins."""
+
+from __future__ import annotations
+
+import asyncio
+
+from contracts import ProviderName
+from tests.unit.fakes import Scripted
+from worker.orchestrate import FallbackPolicy, Orchestrator
+from worker.pricing import PriceTable
+from worker.providers.base import ComparisonCall
+from worker.routing import Router, Strategy
+
+CALL = ComparisonCall(provider="p", model="p-model", system_prompt="s", user_prompt="u")
+
+
+def make(*providers: Scripted, hedge: bool = True, p95_s: float | None = 0.01) -> Orchestrator:
+    router = Router(Strategy.PRIORITY, PriceTable({}))
+    if p95_s is not None:
+        for _ in range(20):
+            router.observe_latency("p", p95_s)
+    return Orchestrator(
+        {p.name: p for p in providers},  # type: ignore[misc]
+        PriceTable({}),
+        ProviderName.MOCK,
+        router=router,
+        fallback=FallbackPolicy(("q",), hedge=hedge),
+    )
+
+
+async def test_slow_call_is_hedged_and_the_first_answer_wins() -> None:
+    p, q = Scripted("p", delay_s=5.0), Scripted("q")
+    outcome = await asyncio.wait_for(make(p, q).run(CALL, None, allow_fallback=True), 2)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "q"
+    assert outcome.error is None
+    by_provider = {a.provider: a for a in outcome.attempts}
+    assert by_provider["p"].cancelled and by_provider["p"].usage is None
+    assert not by_provider["q"].cancelled and by_provider["q"].usage is not None
+
+
+async def test_call_answering_before_p95_is_not_hedged() -> None:
+    p, q = Scripted("p"), Scripted("q")
+    outcome = await make(p, q, p95_s=1.0).run(CALL, None, allow_fallback=True)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "p"
+    assert q.calls == []
+
+
+async def test_hedging_is_off_unless_enabled() -> None:
+    p, q = Scripted("p", delay_s=0.1), Scripted("q")
+    outcome = await make(p, q, hedge=False).run(CALL, None, allow_fallback=True)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "p"
+    assert q.calls == []
+
+
+async def test_no_hedge_when_the_request_does_not_allow_fallback() -> None:
+    p, q = Scripted("p", delay_s=0.1), Scripted("q")
+    outcome = await make(p, q).run(CALL, None)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "p"
+    assert q.calls == []
+
+
+async def test_no_hedge_before_enough_latency_samples() -> None:
+    p, q = Scripted("p", delay_s=0.1), Scripted("q")
+    outcome = await make(p, q, p95_s=None).run(CALL, None, allow_fallback=True)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "p"
+    assert q.calls == []
