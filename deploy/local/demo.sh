@@ -6,6 +6,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 source deploy/local/env.sh
 bash deploy/local/infra.sh up
+mkdir -p .local
 if [ -f .local/worker.pid ] && kill -0 "$(cat .local/worker.pid)" 2>/dev/null; then
   echo "[demo] worker already running (pid $(cat .local/worker.pid))"
 else
