@@ -220,6 +220,7 @@ class Limiter:
         max_wait_s: float = 120.0,
         window_s: float = 60.0,
         redis_retry_s: float = 5.0,
+        redis_call_timeout_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -231,6 +232,7 @@ class Limiter:
         self.window_ms = int(window_s * 1000)
         self.window_s = window_s
         self.redis_retry_s = redis_retry_s
+        self.redis_call_timeout_s = redis_call_timeout_s
         self.clock = clock
         self.sleep = sleep
         self._shas: tuple[str, str] | None = None  # (acquire, correct) once loaded
@@ -313,8 +315,9 @@ class Limiter:
             try:
                 fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
                 self._send(_Command(0, keys, args, fut))
-                ok, value = await fut
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(self.redis_call_timeout_s):  # no reconnect stall in our path
+                    ok, value = await fut
+            except (RedisError, OSError, TimeoutError) as exc:
                 self._redis_failed(exc)
             else:
                 self._redis_ok()

@@ -155,3 +155,28 @@ async def test_unreachable_redis_degrades_to_a_local_share_and_says_so() -> None
 def test_token_estimate_counts_prompt_and_output_cap() -> None:
     call = ComparisonCall("p", "m", "s" * 400, "u" * 400, max_tokens=50)
     assert estimate_tokens(call) == 201 + 50
+
+
+async def test_redis_that_does_not_answer_degrades_after_the_call_timeout() -> None:
+    t = FakeTime()
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        redis = Redis(host="127.0.0.1", port=silent.getsockname()[1], retry=Retry(NoBackoff(), 0))
+        limiter = Limiter(
+            redis,
+            {"p": Limit(requests_per_minute=9)},
+            "k",
+            3,
+            clock=t,
+            sleep=t.sleep,
+            redis_call_timeout_s=0.1,
+        )
+        try:
+            grant = await asyncio.wait_for(limiter.acquire("p", "m", 1), 2)
+            assert grant.admitted_ms == 0 and metrics.LIMITER_DEGRADED._value.get() == 1
+        finally:
+            if limiter._sender is not None:
+                limiter._sender.cancel()
+            await redis.aclose()
+            metrics.LIMITER_DEGRADED.set(0)
