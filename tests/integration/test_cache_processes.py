@@ -7,7 +7,9 @@ import asyncio
 import json
 from typing import Any
 
-from tests.conftest import WorkerProcess, make_settings, request_envelope, worker_env
+from redis.asyncio import Redis
+
+from tests.conftest import REDIS_URL, WorkerProcess, make_settings, request_envelope, worker_env
 
 PROMPT = "Essay A: trains are better than planes.\n\nEssay B: planes are better than trains."
 
@@ -69,3 +71,62 @@ async def test_twenty_identical_requests_over_two_processes_make_one_call(
         sum(h.get("single_flight_scope") == "replica" for h in hits) == 1
     )  # the other process waited on the lease
     assert all(d["cost_estimate"] == 0.0 for d in data.values() if d is not leader)
+
+
+async def send_to(kafka: Any, env: Any, partition: int) -> None:
+    await kafka._producer.send_and_wait(
+        kafka.topics.comparison_request,
+        env.model_dump_json().encode(),
+        key=env.data.request_id.encode(),
+        partition=partition,
+        headers=[("correlation_id", str(env.correlation_id).encode())],
+    )
+
+
+async def test_when_the_leading_process_dies_its_lease_expires_and_a_waiter_takes_over(
+    prefix, topics_for, kafka_for, tmp_path
+) -> None:
+    settings = make_settings(
+        prefix,
+        partitions=2,
+        mock_latency_ms=2000,
+        kafka_session_timeout_ms=6000,
+        kafka_heartbeat_interval_ms=500,
+    )
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    env = worker_env(settings, single_flight_lease_ms=2000, single_flight_poll_ms=50)
+    workers = [WorkerProcess(env, tmp_path / f"w{i}.log") for i in range(2)]
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await until_split(workers, 2)
+        [p0], [p1] = (sorted(latest_assignment(w) or ()) for w in workers)
+        first, second = request_envelope(user_prompt=PROMPT), request_envelope(user_prompt=PROMPT)
+        await send_to(kafka, first, p0)
+        await until_leased(redis, prefix)  # worker 0 is calling the provider and holds the lease
+        await send_to(kafka, second, p1)
+        # Worker 1 needs a moment to fetch the request and find the lease taken; the assertion on its
+        # response time below fails if it led without waiting.
+        await asyncio.sleep(0.5)
+        workers[0].kill()
+        results = await kafka.wait_for(kafka.topics.comparison_result, 2, timeout_s=45)
+    finally:
+        for w in workers:
+            w.kill()
+        await redis.aclose()
+    data = {r["data"]["request_id"]: r["data"] for r in results}
+    took_over, redelivered = data[second.data.request_id], data[first.data.request_id]
+    assert took_over["request_metadata"]["cache"] == "miss"
+    assert took_over["response_time_ms"] >= 3000  # waited out the dead leader's lease, then called (2 s)
+    assert redelivered["request_metadata"]["cache"] == "hit"
+    [cost] = kafka.of(kafka.topics.cost_tracking)
+    assert cost["data"]["request_id"] == second.data.request_id
+
+
+async def until_leased(redis: Redis, prefix: str, timeout_s: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not await redis.keys(f"{prefix}:cache:v1:*:lease"):
+        if loop.time() > end:
+            raise AssertionError("no single-flight lease was taken")
+        await asyncio.sleep(0.02)
