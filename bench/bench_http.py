@@ -12,7 +12,12 @@ client process's CPU time per request (time.process_time() / completed):
                        skips AsyncClient)
   e raw aiohttp        bare aiohttp.ClientSession POST of the same bytes (the floor)
 
-Usage: python bench/bench_http.py [--seconds 15] [--in-flight 1000] [--latency-ms 1000] [--only a,c]
+  E2E worker/http     one `llm-worker run` process with OPENAI_BASE_URL at the fake server and
+                       MAX_IN_FLIGHT=--in-flight: --e2e-n pre-loaded requests, Kafka in -> HTTP -> Kafka out;
+                       results/s from first to last result and the worker's CPU per result over that span
+  E2E worker/mock     the same on the mock provider at --latency-ms: the CPU difference is the HTTP path
+
+Usage: python bench/bench_http.py [--seconds 15] [--in-flight 1000] [--latency-ms 1000] [--only a,c,E2E]
 Other processes on the machine share the CPUs; the load average is printed with the figures.
 """
 
@@ -178,12 +183,68 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
             await measure("raw aiohttp", via_aiohttp, args.seconds, args.in_flight)
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def end_to_end(base_url: str, n: int, in_flight: int, mock_ms: float | None = None) -> None:
+    """With `mock_ms`, the same worker run on the mock provider at that latency instead of HTTP: the
+    difference in worker CPU per request is what the HTTP path costs inside the worker."""
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_worker import Topology, _payloads, _produce_all, _reader, _start, _stop
+
+    topo = Topology()
+    await topo.create()
+    await _produce_all(topo.topics.comparison_request, _payloads(n))
+    reader = await _reader(topo.topics.comparison_result)
+    env = {
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": f"{base_url}/v1",
+        "OPENAI_DEFAULT_MODEL": MODEL,
+        "DEFAULT_PROVIDER": "openai",
+        "MAX_IN_FLIGHT": str(in_flight),
+        "HTTP_MAX_CONNECTIONS": str(in_flight),
+    }
+    label = "E2E worker/http"
+    if mock_ms is not None:
+        env.update(DEFAULT_PROVIDER="mock", MOCK_LATENCY_MS=str(mock_ms))
+        label = "E2E worker/mock"
+    proc = _start("worker", topo, env)
+    try:
+        seen = ok = 0
+        first = last = cpu_first = cpu_last = 0.0
+        deadline = time.monotonic() + 300
+        while seen < n and time.monotonic() < deadline:
+            batch = await reader.getmany(timeout_ms=200)
+            records = [r for rs in batch.values() for r in rs]
+            if records:
+                now, cpu = time.perf_counter(), _cpu_s(proc.pid)
+                if not first:
+                    first, cpu_first = now, cpu
+                last, cpu_last = now, cpu
+                seen += len(records)
+                ok += sum(1 for r in records if b'"winner":"Essay' in r.value)
+        rate = (seen - 1) / (last - first) if seen > 1 and last > first else 0.0
+        cpu_ms = (cpu_last - cpu_first) / max(1, seen - 1) * 1000
+        print(
+            f"{label:<17} {rate:8.0f} req/s  {cpu_ms:6.3f} ms worker CPU/req (whole path)  "
+            f"({seen}/{n} results, {ok} answered; load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
+    finally:
+        _stop(proc)
+        await reader.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--in-flight", type=int, default=1000)
     parser.add_argument("--latency-ms", type=float, default=1000.0)
-    parser.add_argument("--only", default="", help="subset of a,b,c,d,e (see the docstring)")
+    parser.add_argument("--only", default="", help="subset of a,b,c,d,e,E2E (see the docstring)")
+    parser.add_argument("--e2e-n", type=int, default=15000)
     args = parser.parse_args()
     port = free_port()
     server = start_fake_server(port, args.latency_ms)
@@ -194,6 +255,9 @@ def main() -> None:
     )
     try:
         asyncio.run(run(args, f"http://127.0.0.1:{port}"))
+        if not args.only or "E2E" in args.only.split(","):
+            asyncio.run(end_to_end(f"http://127.0.0.1:{port}", args.e2e_n, args.in_flight))
+            asyncio.run(end_to_end("", args.e2e_n, args.in_flight, mock_ms=args.latency_ms))
     finally:
         server.terminate()
         server.wait()

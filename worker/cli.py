@@ -141,7 +141,7 @@ def _summarise(count: int, results: dict[str, tuple[float, dict[str, Any]]]) -> 
         print(f"TIMED OUT waiting for {count - len(results)} results", file=sys.stderr)
 
 
-async def test_provider(name: str, model: str | None) -> int:
+async def check_provider(name: str, model: str | None) -> int:
     """Send one tiny comparison to a configured provider; print latency and usage, or the error."""
     from contracts import ProviderName
     from worker.errors import ProviderError
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(create_topics(KafkaSettings()))
         return 0
     if args.command == "providers":
-        return asyncio.run(test_provider(args.name, args.model))
+        return asyncio.run(check_provider(args.name, args.model))
     if args.command == "fake-server":
         from worker.fake_server import serve
 

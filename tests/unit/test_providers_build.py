@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
+from worker import cli
 from worker.providers import build_providers, unconfigured_providers
 from worker.settings import (
     FlowSettings,
@@ -14,6 +15,8 @@ from worker.settings import (
     ServiceSettings,
     Settings,
 )
+
+from .fake_providers import fake_server
 
 
 def settings(providers: ProviderSettings) -> Settings:
@@ -47,3 +50,28 @@ def test_provider_settings_read_the_issue_env_names(monkeypatch) -> None:
     assert s.openai_compatible_base_url == "http://vllm:8000/v1"
     assert s.gemini_default_model == "gemini-2.5-pro"
     assert "sk-env" not in repr(s)
+
+
+async def test_providers_test_command_reports_latency_and_usage(monkeypatch, capsys) -> None:
+    async with fake_server() as (_, url):
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-cli")
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+        assert await cli.check_provider("openai", "gpt-5-mini") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("openai gpt-5-mini: Essay")
+    assert "'reasoning_tokens': 32" in out
+
+
+async def test_providers_test_command_reports_the_classified_error(monkeypatch, capsys) -> None:
+    async with fake_server() as (server, url):
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-cli")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
+        server.enqueue("overloaded")
+        assert await cli.check_provider("anthropic", None) == 1
+    assert "EXTERNAL_SERVICE_ERROR" in capsys.readouterr().out
+
+
+async def test_providers_test_command_refuses_an_unconfigured_provider(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    assert await cli.check_provider("openrouter", None) == 2
+    assert "not configured" in capsys.readouterr().err

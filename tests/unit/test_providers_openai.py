@@ -166,3 +166,14 @@ async def test_rate_limit_carries_retry_after_from_the_header() -> None:
         await provider.aclose()
     assert caught.value.retry_after_s == 7.0
     assert caught.value.details["http_status"] == 429
+
+
+async def test_verbosity_is_sent_to_gpt_5_models_only() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        await provider.compare(make_call("openai", "gpt-5-mini", output_verbosity="low"))
+        await provider.compare(make_call("openai", "o4-mini", output_verbosity="low"))
+        await provider.aclose()
+    assert server.requests[0].body["verbosity"] == "low"
+    assert "verbosity" not in server.requests[1].body

@@ -54,6 +54,15 @@ class AiohttpBodyTransport(AiohttpTransport):
     streaming it through httpx's async byte iterators, and raising the right httpx error: the upstream
     map turns every aiohttp connection error (refused, reset, hung up) into httpx.ConnectTimeout."""
 
+    def get_client(self) -> aiohttp.ClientSession:
+        """No cookie jar: provider APIs are stateless, and the jar costs CPU on every call."""
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections or 0,
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not isinstance(self.client, aiohttp.ClientSession):
             self.client = self.get_client()

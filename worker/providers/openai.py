@@ -36,7 +36,11 @@ _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 def is_reasoning_model(model: str) -> bool:
     """o-series and gpt-5 family (OpenRouter's `openai/` prefix ignored): no temperature, reasoning
     effort and max_completion_tokens instead."""
-    return model.rsplit("/", 1)[-1].startswith(_REASONING_PREFIXES)
+    return _bare(model).startswith(_REASONING_PREFIXES)
+
+
+def _bare(model: str) -> str:
+    return model.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +147,7 @@ class OpenAIProvider:
                     payload["reasoning"] = {"effort": call.reasoning_effort}
                 else:
                     payload["reasoning_effort"] = call.reasoning_effort
-            if call.output_verbosity is not None:
+            if call.output_verbosity is not None and _bare(call.model).startswith("gpt-5"):
                 payload["verbosity"] = call.output_verbosity
         else:
             if call.temperature is not None:
