@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from worker import metrics
+from worker.logs import correlation_id_var, request_id_var
 from worker.offsets import PartitionTracker
 from worker.settings import FlowSettings
 
@@ -115,6 +116,14 @@ class ConsumeLoop:
 
     async def _process(self, record: ConsumerRecord) -> None:
         """Run the handler; an unexpected error is retried, then the message is dead-lettered."""
+        # Log context before parsing: the Kafka key is the request id, the header the correlation id.
+        request_id_var.set(record.key.decode(errors="replace") if record.key else None)
+        correlation_id_var.set(
+            next(
+                (bytes(v).decode(errors="replace") for k, v in record.headers or () if k == "correlation_id"),
+                None,
+            )
+        )
         error: BaseException | None = None
         for attempt in range(1, self.flow.poison_max_attempts + 1):
             try:

@@ -92,3 +92,34 @@ async def test_schema_violation_yields_validation_error_naming_fields(prefix, to
     assert set(detail["details"]["fields"]) == {"user_prompt", "llm_config_overrides.temperature_override"}
     assert failed["winner"] is None
     assert sum(1 for r in results if r["data"]["winner"]) == 1
+
+
+async def test_logs_are_json_and_never_contain_prompt_text(prefix, topics_for, kafka_for, capfd) -> None:
+    import logging
+
+    from worker.logs import setup_logging
+
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    secret = "TOP-SECRET-ESSAY-TEXT-4711"
+    setup_logging("DEBUG")
+    try:
+        async with running_worker(settings) as runtime:
+            real_handle = runtime.loop.handle
+
+            async def failing_handle(record) -> None:
+                if b"fail-me" in record.value:
+                    raise RuntimeError("boom")
+                await real_handle(record)
+
+            runtime.loop.handle = failing_handle
+            await kafka.send(request_envelope(user_prompt=f"{secret} one"))
+            await kafka.send(request_envelope(request_id="fail-me", user_prompt=f"{secret} two"))
+            await kafka.wait_for(kafka.topics.comparison_result, 2)
+    finally:
+        logging.getLogger().handlers.clear()
+    err = capfd.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(line.get("request_id") == "fail-me" and "correlation_id" in line for line in lines)
+    assert secret not in err
