@@ -59,12 +59,14 @@ class Runtime:
 
     async def health(self) -> dict[str, str]:
         """Readiness: "healthy", or "degraded" while Redis is unreachable (the cache answers from its
-        local layer, spend is not counted). Probes Redis when its retry time has come."""
+        local layer, spend is not counted). Probes Redis when its retry time has come. Also lists the
+        real providers without an API key (their requests fail fast with CONFIGURATION_ERROR)."""
         if self.redis_guard is None or self._redis is None:
             return {"status": "starting", "redis": "unknown"}
         await self.redis_guard.probe(self._redis.ping)
         status = self.redis_guard.status
-        return {"status": status, "redis": status}
+        unconfigured = ",".join(self.unconfigured_providers)
+        return {"status": status, "redis": status, "unconfigured_providers": unconfigured}
 
     async def start(self) -> None:
         """Build resources and start consuming; the broker must be connected."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from tests.conftest import make_settings, request_envelope, running_worker
 from tests.unit.fake_providers import fake_server
@@ -14,7 +15,7 @@ from worker.fake_server import FakeProviderServer
 @asynccontextmanager
 async def worker_with_providers(
     prefix: str, topics_for, kafka_for
-) -> AsyncIterator[tuple[FakeProviderServer, object]]:
+) -> AsyncIterator[tuple[FakeProviderServer, Any, Any]]:
     async with fake_server() as (server, url):
         settings = make_settings(
             prefix,
@@ -28,14 +29,14 @@ async def worker_with_providers(
         )
         await topics_for(settings)
         kafka = await kafka_for(settings)
-        async with running_worker(settings):
-            yield server, kafka
+        async with running_worker(settings) as runtime:
+            yield server, kafka, runtime
 
 
 async def test_openai_request_goes_over_http_and_yields_a_result_and_cost_event(
     prefix, topics_for, kafka_for
 ) -> None:
-    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka):
+    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka, _):
         env = request_envelope(organization_id="org1")
         await kafka.send(env)
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
@@ -56,7 +57,7 @@ async def test_openai_request_goes_over_http_and_yields_a_result_and_cost_event(
 async def test_anthropic_auth_failure_becomes_a_classified_failure_result(
     prefix, topics_for, kafka_for
 ) -> None:
-    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka):
+    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka, _):
         server.enqueue("auth")
         await kafka.send(request_envelope(llm_config_overrides={"provider_override": "anthropic"}))
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
@@ -72,7 +73,7 @@ async def test_anthropic_auth_failure_becomes_a_classified_failure_result(
 async def test_truncated_output_fails_with_parsing_error_and_is_still_billed(
     prefix, topics_for, kafka_for
 ) -> None:
-    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka):
+    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka, _):
         server.enqueue("truncated")
         env = request_envelope(llm_config_overrides={"provider_override": "anthropic"})
         await kafka.send(env)
@@ -89,8 +90,15 @@ async def test_truncated_output_fails_with_parsing_error_and_is_still_billed(
 async def test_a_provider_without_a_key_fails_fast_with_configuration_error(
     prefix, topics_for, kafka_for
 ) -> None:
-    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka):
+    async with worker_with_providers(prefix, topics_for, kafka_for) as (server, kafka, _):
         await kafka.send(request_envelope(llm_config_overrides={"provider_override": "google"}))
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
     assert result["data"]["error_detail"]["error_code"] == "CONFIGURATION_ERROR"
     assert server.requests == []
+
+
+async def test_readiness_lists_the_providers_without_a_key(prefix, topics_for, kafka_for) -> None:
+    async with worker_with_providers(prefix, topics_for, kafka_for) as (_, _, runtime):
+        health = await runtime.health()
+        assert sorted(runtime.providers) == ["anthropic", "mock", "openai"]
+    assert health["unconfigured_providers"] == "google,openrouter,openai_compatible"
