@@ -123,12 +123,6 @@ class CachedAnswer:
 
 
 @dataclass(frozen=True, slots=True)
-class Hit:
-    cached: CachedAnswer
-    layer: Layer
-
-
-@dataclass(frozen=True, slots=True)
 class Flight(Generic[T]):
     """How a request was served: it led the call (`led`), or got an answer (`shared`) from the cache
     (layer local/redis) or from an identical in-flight request (layer single_flight; scope local/replica)."""
@@ -270,24 +264,8 @@ class AnswerCache:
     def policy(self, requested: CachePolicy) -> CachePolicy:
         return requested if self.settings.cache_enabled else CachePolicy.BYPASS
 
-    async def get(self, key: str) -> Hit | None:
-        """L1, then Redis (filling L1). Counts a hit or a miss."""
-        value = self.local.get(key)
-        if value is not None:
-            metrics.CACHE_HITS.labels("local").inc()
-            return Hit(value, "local")
-        try:
-            raw = await self.guard.call("get", lambda: self.redis.get(key))
-        except RedisUnavailable:
-            raw = None
-        value = self._decode(key, raw)
-        if value is None:
-            metrics.CACHE_MISSES.inc()
-            return None
-        metrics.CACHE_HITS.labels("redis").inc()
-        return Hit(value, "redis")
-
     async def put(self, key: str, value: CachedAnswer) -> None:
+        """Store an answer outside a flight (both layers)."""
         raw = value.to_bytes()
         self.local.put(key, value, len(raw))
         try:

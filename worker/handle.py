@@ -168,9 +168,11 @@ class Handler:
             return outcome, []
         cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
         alerts = await self.spend.record(request.organization_id, cost_usd)
-        src, key = self.service_name, request.organization_id or "global"
-        topic = self.topics.cost_alert
-        return outcome, [make_event("cost_alert", topic, key, a, job.correlation_id, src) for a in alerts]
+        src, topic = self.service_name, self.topics.cost_alert
+        return outcome, [
+            make_event("cost_alert", topic, a.organization_id or "global", a, job.correlation_id, src)
+            for a in alerts
+        ]
 
     def _hit_events(
         self,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.conftest import make_settings, request_envelope, running_worker
+from redis.asyncio import Redis
+
+from tests.conftest import REDIS_URL, make_settings, request_envelope, running_worker
 
 PROMPT = "Essay A: cats are great.\n\nEssay B: dogs are great."
 
@@ -147,3 +149,32 @@ async def test_cost_alert_is_emitted_once_when_the_threshold_is_crossed(
     assert (alert["data"]["scope"], alert["data"]["organization_id"]) == ("organization", "org1")
     assert alert["data"]["spend_usd"] >= 0.25
     assert kafka.raw[kafka.topics.cost_alert][0].key == b"org1"
+
+
+async def test_a_crash_before_the_outcome_was_stored_replays_the_calls_cost_from_the_cache(
+    prefix, topics_for, kafka_for
+) -> None:
+    settings = make_settings(prefix)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    env = same(organization_id="org1")
+    request_id = env.data.request_id
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        async with running_worker(settings) as runtime:
+            await kafka.send(env)
+            await kafka.wait_for(kafka.topics.comparison_result, 1)
+            # As if the worker died after the call stored its answer, before the outcome was recorded.
+            await redis.delete(f"{prefix}:outcome:{request_id}", f"{prefix}:emitted:{request_id}")
+            await kafka.send(env)
+            results = await kafka.wait_for(kafka.topics.comparison_result, 2)
+            costs = await kafka.wait_for(kafka.topics.cost_tracking, 2)
+            calls = runtime.providers["mock"].calls
+    finally:
+        await redis.aclose()
+    assert calls == 1
+    assert costs[0]["data"] == costs[1]["data"]  # the same call's cost, not a second call
+    replayed = results[1]["data"]
+    assert replayed["request_metadata"]["cache"] == "miss"
+    assert replayed["cost_estimate"] == results[0]["data"]["cost_estimate"]
+    assert kafka.of(kafka.topics.cache_hit) == []
