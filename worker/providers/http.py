@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import pydantic_core
 from httpx_aiohttp import AiohttpTransport
 
 from contracts import ErrorCode, TokenUsage
@@ -102,7 +103,7 @@ class HttpEndpoint:
 
     transport: httpx.AsyncBaseTransport
     base_url: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # an httpx.Headers in production: copied, not re-encoded, per request
     timeout: dict[str, float | None] = field(default_factory=dict)
     _urls: dict[str, httpx.URL] = field(default_factory=dict)
 
@@ -121,7 +122,7 @@ class HttpEndpoint:
         request = httpx.Request(
             "POST",
             self.url(path),
-            content=json.dumps(payload).encode(),
+            content=pydantic_core.to_json(payload),  # a third of json.dumps' CPU
             headers=self.headers,
             extensions={"timeout": self.timeout},
         )
@@ -157,7 +158,7 @@ def make_endpoint(settings: ProviderSettings, base_url: str, headers: Mapping[st
     return HttpEndpoint(
         AiohttpBodyTransport(limits=limits),
         base_url.rstrip("/"),
-        {**headers, "content-type": "application/json"},
+        httpx.Headers({**headers, "content-type": "application/json"}),
         timeout,
     )
 
