@@ -225,14 +225,15 @@ class Orchestrator:
         and take the first answer, cancelling the other. Returns who answered, the answer or last error,
         and how many candidates were used (1 when no hedge was started)."""
         first = asyncio.create_task(self._run_provider(call, deadline_s, outcome))
-        p95_s = self.router.latency_p95_s(call.provider)
-        done, _ = await asyncio.wait({first}, timeout=p95_s)
-        if done:
-            return (call, *first.result(), 1)
-        metrics.ATTEMPTS.labels(hedge.provider, "hedge").inc()
-        pending = {first: call, asyncio.create_task(self._run_provider(hedge, deadline_s, outcome)): hedge}
+        pending = {first: call}
         error: WorkerError | None = None
         try:
+            done, _ = await asyncio.wait({first}, timeout=self.router.latency_p95_s(call.provider))
+            if done:
+                del pending[first]
+                return (call, *first.result(), 1)
+            metrics.ATTEMPTS.labels(hedge.provider, "hedge").inc()
+            pending[asyncio.create_task(self._run_provider(hedge, deadline_s, outcome))] = hedge
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:

@@ -25,9 +25,11 @@ class Scripted:
         self.script = list(script) or [OK]
         self.delay_s = delay_s
         self.calls: list[ComparisonCall] = []
+        self.called = asyncio.Event()
 
     async def compare(self, call: ComparisonCall) -> Answer:
         self.calls.append(call)
+        self.called.set()
         item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

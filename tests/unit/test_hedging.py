@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from contracts import ProviderName
 from tests.unit.fakes import Scripted
 from worker.orchestrate import FallbackPolicy, Orchestrator
@@ -63,4 +65,25 @@ async def test_no_hedge_before_enough_latency_samples() -> None:
     p, q = Scripted("p", delay_s=0.1), Scripted("q")
     outcome = await make(p, q, p95_s=None).run(CALL, None, allow_fallback=True)
     assert outcome.answered_by is not None and outcome.answered_by.provider == "p"
+    assert q.calls == []
+
+
+async def test_cancelling_a_hedged_request_cancels_both_provider_calls() -> None:
+    p, q = Scripted("p", delay_s=5.0), Scripted("q", delay_s=5.0)
+    task = asyncio.create_task(make(p, q).run(CALL, None, allow_fallback=True))
+    await asyncio.wait_for(q.called.wait(), 2)  # the hedge started
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_cancelling_a_request_before_its_hedge_cancels_the_provider_call() -> None:
+    p, q = Scripted("p", delay_s=5.0), Scripted("q")
+    task = asyncio.create_task(make(p, q, p95_s=5.0).run(CALL, None, allow_fallback=True))
+    await asyncio.wait_for(p.called.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert asyncio.all_tasks() == {asyncio.current_task()}
     assert q.calls == []
