@@ -153,3 +153,14 @@ async def test_entries_in_redis_expire_after_the_ttl(prefix, clients) -> None:
     redis = clients()
     await replica(redis, prefix, cache_ttl_s=120).put(f"{prefix}:k", ANSWER)
     assert 110 < await redis.ttl(f"{prefix}:k") <= 120
+
+
+async def test_a_joiner_past_its_deadline_gives_up_without_cancelling_the_leader(prefix, clients) -> None:
+    cache, provider = replica(clients(), prefix), Provider()
+    leader = asyncio.create_task(cache.serve(f"{prefix}:k", provider.call, to_cached, None))
+    await provider.started.wait()
+    with pytest.raises(TimeoutError):
+        await cache.serve(f"{prefix}:k", provider.call, to_cached, time.monotonic() + 0.1)
+    provider.release.set()
+    assert (await leader).led == "answer"
+    assert provider.calls == 1
