@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
-from prometheus_client import start_http_server
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from worker.cache import AnswerCache, RedisGuard
@@ -21,6 +22,7 @@ from worker.logs import setup_logging
 from worker.orchestrate import Orchestrator
 from worker.outcomes import OutcomeStore
 from worker.pricing import PriceTable
+from worker.probes import start_probe_server
 from worker.providers import build_providers, unconfigured_providers
 from worker.providers.base import Provider
 from worker.settings import Settings, load_settings
@@ -53,6 +55,7 @@ class Runtime:
         self._task: asyncio.Task[None] | None = None
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._probes: web.AppRunner | None = None
         self.emitter: Emitter | None = None
         self.redis_guard: RedisGuard | None = None
         self.cache: AnswerCache | None = None
@@ -68,11 +71,24 @@ class Runtime:
         unconfigured = ",".join(self.unconfigured_providers)
         return {"status": status, "redis": status, "unconfigured_providers": unconfigured}
 
+    async def readiness(self) -> dict[str, Any]:
+        """health() plus the consumer's state: owned partitions, requests in flight, paused or not."""
+        report: dict[str, Any] = dict(await self.health())
+        if self.loop is not None:
+            report.update(
+                partitions=sorted(tp.partition for tp in self.loop.trackers),
+                in_flight=self.loop.in_flight,
+                paused=self.loop.paused,
+            )
+        return report
+
     async def start(self) -> None:
         """Build resources and start consuming; the broker must be connected."""
         s = self.settings
         if s.service.metrics_port:
-            start_http_server(s.service.metrics_port, addr=s.service.metrics_host)
+            self._probes = await start_probe_server(
+                s.service.metrics_host, s.service.metrics_port, self.readiness
+            )
         # A blocking pool: with hundreds of requests in flight, callers wait for a connection instead of
         # failing with "Too many connections" (which would silently drop idempotency records).
         pool = BlockingConnectionPool.from_url(
@@ -144,6 +160,8 @@ class Runtime:
             await provider.aclose()
         if self._redis is not None:
             await self._redis.aclose()
+        if self._probes is not None:
+            await self._probes.cleanup()
         log.info("worker stopped")
 
 

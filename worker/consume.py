@@ -249,6 +249,10 @@ class ConsumeLoop:
             if still:
                 await asyncio.wait(still)
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def stop(self) -> None:
         self._stopping = True
         self._capacity.set()

@@ -123,3 +123,24 @@ async def test_logs_are_json_and_never_contain_prompt_text(prefix, topics_for, k
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any(line.get("request_id") == "fail-me" and "correlation_id" in line for line in lines)
     assert secret not in err
+
+
+async def test_probe_endpoints_report_readiness_and_metrics(prefix, topics_for) -> None:
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    settings = make_settings(prefix, partitions=2, metrics_port=port)
+    await topics_for(settings)
+    async with running_worker(settings), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        ready = await http.get("/ready")
+        live = await http.get("/live")
+        metrics = await http.get("/metrics")
+    assert ready.status_code == 200
+    report = ready.json()
+    assert report["status"] == "healthy"
+    assert report["partitions"] == [0, 1]
+    assert report["in_flight"] == 0
+    assert live.json() == {"status": "alive"}
+    assert "llm_worker_in_flight" in metrics.text
