@@ -48,6 +48,7 @@ from worker.settings import ProviderSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gpt-4.1-mini"
+SERVER_PID: list[int] = []  # the fake server process, for its CPU time
 
 
 def free_port() -> int:
@@ -100,13 +101,16 @@ async def measure(name: str, one: Callable[[int], Awaitable[None]], seconds: flo
             except Exception:
                 failed += 1
 
+    server_cpu0 = _cpu_s(SERVER_PID[0]) if SERVER_PID else 0.0
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(in_flight)))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    server_cpu = (_cpu_s(SERVER_PID[0]) if SERVER_PID else 0.0) - server_cpu0
     per_req_ms = cpu / done * 1000 if done else float("nan")
     print(
         f"{name:<17} {done / wall:8.0f} req/s  {per_req_ms:6.3f} ms CPU/req  "
-        f"({done} ok, {failed} failed in {wall:.1f} s; load {os.getloadavg()[0]:.2f})",
+        f"({done} ok, {failed} failed in {wall:.1f} s; fake server {server_cpu / max(done, 1) * 1000:.3f} ms "
+        f"CPU/req; load {os.getloadavg()[0]:.2f})",
         flush=True,
     )
 
@@ -248,6 +252,7 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     server = start_fake_server(port, args.latency_ms)
+    SERVER_PID.append(server.pid)
     print(
         f"fake server latency {args.latency_ms:.0f} ms, {args.in_flight} in flight, "
         f"{args.seconds:.0f} s each, {os.cpu_count()} CPUs",
