@@ -238,7 +238,6 @@ class Limiter:
         self._shas: tuple[str, str] | None = None  # (acquire, correct) once loaded
         self._outbox: list[_Command] = []
         self._sender: asyncio.Task[None] | None = None
-        self._direct = 0  # acquires sent directly, not through the sender, now in flight
         self._redis_down_until = -math.inf
         self._queues: dict[str, asyncio.Lock] = {}
         self._slots: dict[str, FifoSlots] = {}
@@ -314,8 +313,10 @@ class Limiter:
             )
             args = [member_id, spec]
             try:
+                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._send(_Command(0, keys, args, fut))
                 async with asyncio.timeout(self.redis_call_timeout_s):  # no reconnect stall in our path
-                    ok, value = await self._eval_acquire(keys, args)
+                    ok, value = await fut
             except (RedisError, OSError, TimeoutError) as exc:
                 self._redis_failed(exc)
             else:
@@ -360,22 +361,6 @@ class Limiter:
             return
         old, new = f"{grant.member_id}:{grant.tokens}", f"{grant.member_id}:{grant.tokens + delta}"
         self._send(_Command(1, keys, [old, new, delta], None))
-
-    async def _eval_acquire(self, keys: list[str], args: list[Any]) -> Any:
-        """Idle: call Redis directly from this task (the cheapest path). Busy: queue for the sender,
-        which pipelines whatever gathered while the previous call was in flight."""
-        assert self.redis is not None
-        if self._direct == 0 and not self._outbox and self._shas is not None:
-            self._direct += 1
-            try:
-                return await self.redis.evalsha(self._shas[0], len(keys), *keys, *args)
-            except NoScriptError:
-                self._shas = None  # Redis lost its scripts: the sender loads them again
-            finally:
-                self._direct -= 1
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._send(_Command(0, keys, args, fut))
-        return await fut
 
     def _send(self, command: _Command) -> None:
         self._outbox.append(command)
