@@ -15,13 +15,14 @@ from worker.errors import ProviderError
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
 from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer
 
-#: The comparison schema in the strict-mode subset (no string length limits; parse_answer checks them).
+#: The comparison schema in the strictest common subset of strict mode (OpenAI and OpenAI-compatible
+#: servers): no length or range keywords, which some reject; parse_answer enforces both.
 STRICT_SCHEMA: dict[str, Any] = {
     **COMPARISON_SCHEMA,
     "properties": {
         "winner": {"type": "string", "enum": ["Essay A", "Essay B"]},
         "justification": {"type": "string", "description": "At most 500 characters."},
-        "confidence": {"type": "number", "minimum": 1, "maximum": 5},
+        "confidence": {"type": "number", "description": "From 1 (guess) to 5 (certain)."},
     },
 }
 
