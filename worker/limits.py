@@ -11,11 +11,15 @@ limit / expected_replicas, and sets LIMITER_DEGRADED. The concurrency cap is per
 
 A call that finds no room waits for it, bounded by its deadline (or `max_wait_s`), instead of failing;
 waiters of one limit in one process queue FIFO and only the head polls Redis.
+
+Hot path: one Lua call per request, sent through RedisBatch so concurrent requests share a round trip;
+the token correction goes off the request's path the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -34,6 +38,7 @@ from contracts import ErrorCode
 from worker import metrics
 from worker.errors import ProviderError
 from worker.providers.base import ComparisonCall
+from worker.redis_batch import RedisBatch
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,10 @@ return 1
 """
 
 
+_SCRIPTS = (_ACQUIRE, _CORRECT)
+_SHAS = tuple(hashlib.sha1(body.encode()).hexdigest() for body in _SCRIPTS)
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     requests_per_minute: int | None = None
@@ -124,14 +133,6 @@ class _Window:
     key: str
     limit: int
     is_tokens: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Command:
-    script: int  # 0 acquire, 1 correct
-    keys: list[str]
-    args: list[Any]
-    reply: asyncio.Future[Any] | None
 
 
 @dataclass(slots=True)
@@ -235,9 +236,8 @@ class Limiter:
         self.redis_call_timeout_s = redis_call_timeout_s
         self.clock = clock
         self.sleep = sleep
-        self._shas: tuple[str, str] | None = None  # (acquire, correct) once loaded
-        self._outbox: list[_Command] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._batch = RedisBatch(redis) if redis is not None else None
+        self._corrections: set[asyncio.Task[None]] = set()
         self._redis_down_until = -math.inf
         self._queues: dict[str, asyncio.Lock] = {}
         self._slots: dict[str, FifoSlots] = {}
@@ -313,10 +313,8 @@ class Limiter:
             )
             args = [member_id, spec]
             try:
-                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                self._send(_Command(0, keys, args, fut))
                 async with asyncio.timeout(self.redis_call_timeout_s):  # no reconnect stall in our path
-                    ok, value = await fut
+                    ok, value = await self._eval(0, keys, args)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._redis_failed(exc)
             else:
@@ -360,51 +358,31 @@ class Limiter:
         if not keys or self.redis is None:
             return
         old, new = f"{grant.member_id}:{grant.tokens}", f"{grant.member_id}:{grant.tokens + delta}"
-        self._send(_Command(1, keys, [old, new, delta], None))
-
-    def _send(self, command: _Command) -> None:
-        self._outbox.append(command)
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_batches())
+        task = asyncio.create_task(self._correct(keys, [old, new, delta]))
+        self._corrections.add(task)  # off the request's path; coalesced with other calls by RedisBatch
+        task.add_done_callback(self._corrections.discard)
 
     async def flush(self) -> None:
-        """Wait until everything queued (token corrections included) reached Redis."""
-        while self._sender is not None and not self._sender.done():
-            await self._sender
+        """Wait until the queued token corrections reached Redis."""
+        while self._corrections:
+            await asyncio.gather(*self._corrections, return_exceptions=True)
 
-    async def _send_batches(self) -> None:
-        """The one sender of Lua calls: whatever was queued while a pipeline was in flight goes together
-        in the next one (non-transactional; Redis runs the scripts in queue order, so FIFO holds). At low
-        load that is one call per round trip as before; under load the per-call cost of the client falls
-        instead of requests queueing behind each other's round trips. Corrections ride along unanswered."""
-        assert self.redis is not None
-        while self._outbox:
-            batch, self._outbox = self._outbox, []
-            try:
-                if self._shas is None:
-                    self._shas = (
-                        str(await self.redis.script_load(_ACQUIRE)),
-                        str(await self.redis.script_load(_CORRECT)),
-                    )
-                pipe = self.redis.pipeline(transaction=False)
-                for c in batch:
-                    pipe.evalsha(self._shas[c.script], len(c.keys), *c.keys, *c.args)
-                results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                for c in batch:
-                    if c.reply is not None and not c.reply.done():
-                        c.reply.set_exception(exc)
-                continue
-            for c, result in zip(batch, results, strict=True):
-                if isinstance(result, NoScriptError):  # Redis restarted: load the scripts, send again
-                    self._shas = None
-                    self._outbox.append(c)
-                elif c.reply is None or c.reply.done():
-                    continue
-                elif isinstance(result, Exception):
-                    c.reply.set_exception(result)
-                else:
-                    c.reply.set_result(result)
+    async def _correct(self, keys: list[str], args: list[Any]) -> None:
+        try:
+            await self._eval(1, keys, args)
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+
+    async def _eval(self, script: int, keys: list[str], args: list[Any]) -> Any:
+        """Run our Lua script 0 (acquire) or 1 (correct). Calls of concurrent requests share one round
+        trip (RedisBatch); a Redis that lost its scripts (restart) gets them loaded again."""
+        assert self.redis is not None and self._batch is not None
+        try:
+            return await self._batch.execute(b"EVALSHA", _SHAS[script], len(keys), *keys, *args)
+        except NoScriptError:
+            for body in _SCRIPTS:
+                await self.redis.script_load(body)
+            return await self._batch.execute(b"EVALSHA", _SHAS[script], len(keys), *keys, *args)
 
     def release_slots(self, grant: Grant) -> None:
         for slots in grant.slots:
