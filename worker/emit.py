@@ -48,12 +48,13 @@ def make_event(
     data's JSON (same shape as `EventEnvelope[T].model_dump_json()`, checked by a test) so the hot path
     validates and serialises each event exactly once."""
     now = datetime.now(UTC).isoformat()
+    cid = str(correlation_id)
     value = (
         f'{{"event_id":"{uuid.uuid4()}","event_type":"{type(data).__name__}","event_timestamp":"{now}",'
         f'"source_service":{_json_str(source_service)},"schema_version":1,'
-        f'"correlation_id":"{correlation_id}","data":{data.model_dump_json()},"metadata":{{}}}}'
+        f'"correlation_id":"{cid}","data":{data.model_dump_json()},"metadata":{{}}}}'
     ).encode()
-    return Outgoing(kind, topic, key, value, str(correlation_id))
+    return Outgoing(kind, topic, key, value, cid)
 
 
 @functools.lru_cache(maxsize=16)
