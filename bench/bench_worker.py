@@ -180,6 +180,7 @@ async def latency_p99(kind: str, rate: float, seconds: float) -> tuple[float, fl
             await producer.send(topo.topics.comparison_request, value, key=key)
         await asyncio.wait_for(collector, 60)
         latencies.sort()
+        print(f"  {kind}: p50 {statistics.median(latencies):.1f} ms p99 {latencies[int(len(latencies) * 0.99) - 1]:.1f} ms", file=sys.stderr)
         return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
     finally:
         await producer.stop()

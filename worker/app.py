@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -139,12 +140,14 @@ class Runtime:
             max_poll_records=s.flow.max_in_flight,
             session_timeout_ms=s.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=s.kafka.kafka_heartbeat_interval_ms,
+            fetch_max_wait_ms=s.kafka.kafka_fetch_max_wait_ms,
         )
         await consumer.start()
         self.loop = ConsumeLoop(
             consumer, s.kafka.topics.comparison_request, handler.handle, handler.dead_letter_poison, s.flow
         )
         self._task = asyncio.create_task(self.loop.run())
+        gc.freeze()  # startup objects (modules, schemas) leave the collector: shorter gen-2 pauses
         log.info("worker consuming", extra={"topic": s.kafka.topics.comparison_request})
 
     async def stop(self) -> None:

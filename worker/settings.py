@@ -25,6 +25,7 @@ class KafkaSettings(BaseSettings):
     kafka_client_id: str = "llm-provider-worker"
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    kafka_fetch_max_wait_ms: int = Field(default=50, ge=0, description="Longest a fetch waits at the broker.")
 
     @property
     def topics(self) -> Topics:
