@@ -180,8 +180,9 @@ async def latency_p99(kind: str, rate: float, seconds: float) -> tuple[float, fl
             await producer.send(topo.topics.comparison_request, value, key=key)
         await asyncio.wait_for(collector, 60)
         latencies.sort()
-        print(f"  {kind}: p50 {statistics.median(latencies):.1f} ms p99 {latencies[int(len(latencies) * 0.99) - 1]:.1f} ms", file=sys.stderr)
-        return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
+        p50, p99 = statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
+        print(f"  {kind}: p50 {p50:.1f} ms p99 {p99:.1f} ms", file=sys.stderr)
+        return p50, p99
     finally:
         await producer.stop()
         _stop(proc)

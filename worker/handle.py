@@ -252,7 +252,7 @@ class Handler:
             metadata["price_known"] = False
         detail = None
         if error is not None:
-            details = {k: v for k, v in error.details.items() if k != "usage"}
+            details = {k: v for k, v in error.details.items() if k not in ("usage", "cache_write_tokens")}
             details.setdefault("provider", call.provider)
             detail = ErrorDetail.from_code(error.code, error.message, job.correlation_id, **details)
         result = LLMComparisonResultV1(

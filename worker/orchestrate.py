@@ -392,7 +392,12 @@ class Orchestrator:
         metrics.PROVIDER_CALLS.labels(call.provider, "ok" if answer else "error").inc()
         metrics.ATTEMPTS.labels(call.provider, "call").inc()
         model = answer.model if answer else call.model
-        cost = self._cost(model, usage) if usage else None
+        written = (
+            answer.cache_write_tokens
+            if answer
+            else int((error.details if error else {}).get("cache_write_tokens", 0))
+        )
+        cost = self._cost(model, usage, written) if usage else None
         outcome.attempts.append(
             Attempt(
                 call.provider,
@@ -405,8 +410,8 @@ class Orchestrator:
             )
         )
 
-    def _cost(self, model: str, usage: TokenUsage) -> Cost:
-        cost = self.prices.cost(model, usage)
+    def _cost(self, model: str, usage: TokenUsage, cache_write_tokens: int = 0) -> Cost:
+        cost = self.prices.cost(model, usage, cache_write_tokens)
         if not cost.price_known:
             metrics.PRICE_UNKNOWN.labels(model).inc()
         return cost

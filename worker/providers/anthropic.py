@@ -3,6 +3,7 @@ blocks with cache_control."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -124,18 +125,24 @@ class AnthropicProvider:
                 ErrorCode.PARSING_ERROR, "response is not a message", provider=self.name
             ) from exc
         usage = message.usage.normalised() if message.usage else TokenUsage()
-        if message.stop_reason == "max_tokens":
-            raise billed_failure(
-                ErrorCode.PARSING_ERROR, self.name, "output truncated at max_tokens", "max_tokens", usage
-            )
-        if message.stop_reason == "refusal":
-            raise billed_failure(ErrorCode.CONTENT_POLICY, self.name, "model refused", "refusal", usage)
-        tool = next((b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME), None)
-        if tool is None:
-            raise billed_failure(
-                ErrorCode.PARSING_ERROR, self.name, "no tool call in the answer", "no_tool_use", usage
-            )
-        return parse_billed_answer(tool.input, requested_model, usage, self.name)
+        written = (message.usage.cache_creation_input_tokens or 0) if message.usage else 0
+        try:
+            if message.stop_reason == "max_tokens":
+                raise billed_failure(
+                    ErrorCode.PARSING_ERROR, self.name, "output truncated at max_tokens", "max_tokens", usage
+                )
+            if message.stop_reason == "refusal":
+                raise billed_failure(ErrorCode.CONTENT_POLICY, self.name, "model refused", "refusal", usage)
+            tool = next((b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME), None)
+            if tool is None:
+                raise billed_failure(
+                    ErrorCode.PARSING_ERROR, self.name, "no tool call in the answer", "no_tool_use", usage
+                )
+            answer = parse_billed_answer(tool.input, requested_model, usage, self.name)
+        except ProviderError as exc:
+            exc.details["cache_write_tokens"] = written
+            raise
+        return replace(answer, cache_write_tokens=written)
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -54,6 +54,9 @@ class Answer:
     confidence: float
     model: str
     usage: TokenUsage = field(default_factory=TokenUsage)
+    #: Input tokens written to the provider's prompt cache (Anthropic bills them at a higher rate); they
+    #: are inside usage.prompt_tokens too. Internal only: the wire TokenUsage has no such field.
+    cache_write_tokens: int = 0
 
 
 class Provider(Protocol):
