@@ -53,6 +53,7 @@ class Runtime:
         self.providers: dict[str, Provider] = {}
         self.unconfigured_providers: list[str] = []
         self.loop: ConsumeLoop | None = None
+        self.orchestrator: Orchestrator | None = None
         self._task: asyncio.Task[None] | None = None
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -115,7 +116,7 @@ class Runtime:
             "providers built",
             extra={"providers": sorted(self.providers), "unconfigured": self.unconfigured_providers},
         )
-        orchestrator = Orchestrator.from_settings(
+        self.orchestrator = orchestrator = Orchestrator.from_settings(
             s, self.providers, PriceTable.load(s.service.price_table_path), self._redis
         )
         prefix = s.redis.redis_key_prefix
@@ -159,8 +160,8 @@ class Runtime:
             await self.emitter.aclose()
         if self._producer is not None:
             await self._producer.stop()  # flushes anything still buffered
-        for provider in self.providers.values():
-            await provider.aclose()
+        if self.orchestrator is not None:
+            await self.orchestrator.aclose()  # flushes queued limiter corrections, closes the providers
         if self._redis is not None:
             await self._redis.aclose()
         if self._probes is not None:
