@@ -316,20 +316,23 @@ class Handler:
             fields=exc.fields,
             operation="validate",
         )
+        # The upstream result model accepts only real provider names: the one the request named, else the
+        # provider it would have been routed to by default.
+        provider, model = self._fallback_names(exc.provider)
         result = LLMComparisonResultV1(
             request_id=exc.request_id,
             correlation_id=exc.correlation_id,
             error_detail=detail,
-            provider="none",
-            model="none",
+            provider=provider,
+            model=model,
             cost_estimate=0.0,
             requested_at=utc_now(),
         )
         failure = LLMProviderFailureV1(
             request_id=exc.request_id,
             correlation_id=exc.correlation_id,
-            provider="none",
-            model="none",
+            provider=provider,
+            model=model,
             error_detail=detail,
             attempts=0,
         )
@@ -338,6 +341,12 @@ class Handler:
             make_event("result", exc.callback_topic, exc.request_id, result, exc.correlation_id, src),
             make_event("failure", self.topics.failure, exc.request_id, failure, exc.correlation_id, src),
         ]
+
+    def _fallback_names(self, named: str | None) -> tuple[str, str]:
+        """Provider and model to name on a failure for a request that never reached routing."""
+        provider = named or self.orchestrator.default_provider
+        known = self.orchestrator.providers.get(provider)
+        return provider, known.default_model if known is not None else ""
 
     async def _dead_letter(self, record: ConsumerRecord, exc: Unparseable) -> None:
         metrics.DLQ.labels("unparseable").inc()
@@ -350,11 +359,12 @@ class Handler:
                 exc.correlation_id,
                 operation="decode",
             )
+            provider, model = self._fallback_names(None)
             failure = LLMProviderFailureV1(
                 request_id="",
                 correlation_id=exc.correlation_id,
-                provider="none",
-                model="none",
+                provider=provider,
+                model=model,
                 error_detail=detail,
                 attempts=0,
             )

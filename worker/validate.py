@@ -14,9 +14,10 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from contracts import EventEnvelope, LLMComparisonRequestV1
+from contracts import EventEnvelope, LLMComparisonRequestV1, ProviderName
 
 RequestEnvelope = EventEnvelope[LLMComparisonRequestV1]
+_PROVIDERS = frozenset(p.value for p in ProviderName)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,13 @@ class Unparseable(Exception):
 
 class Invalid(Exception):
     def __init__(
-        self, fields: list[str], reason: str, correlation_id: UUID, request_id: str, callback_topic: str
+        self,
+        fields: list[str],
+        reason: str,
+        correlation_id: UUID,
+        request_id: str,
+        callback_topic: str,
+        provider: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.fields = fields
@@ -47,6 +54,8 @@ class Invalid(Exception):
         self.correlation_id = correlation_id
         self.request_id = request_id
         self.callback_topic = callback_topic
+        #: The provider the request named, when it named a known one (echoed on the failure result).
+        self.provider = provider
 
 
 def decode_request(raw: bytes | None, header_correlation_id: str | None, default_topic: str) -> Job:
@@ -90,10 +99,13 @@ def _explain(
     fields = sorted({".".join(map(str, e["loc"][1:])) for e in exc.errors()})
     request_id = data.get("request_id")
     callback = data.get("callback_topic")
+    overrides = data.get("llm_config_overrides")
+    named = overrides.get("provider_override") if isinstance(overrides, dict) else None
     return Invalid(
         fields=fields,
         reason=f"invalid request fields: {', '.join(fields)}",
         correlation_id=correlation_id,
         request_id=request_id if isinstance(request_id, str) and request_id else str(doc.get("event_id", "")),
         callback_topic=callback if isinstance(callback, str) and callback else default_topic,
+        provider=named if named in _PROVIDERS else None,
     )

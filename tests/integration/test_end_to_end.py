@@ -80,7 +80,7 @@ async def test_schema_violation_yields_validation_error_naming_fields(prefix, to
     bad = json.loads(good.model_dump_json())
     bad["data"]["request_id"] = "bad-1"
     bad["data"]["user_prompt"] = ""
-    bad["data"]["llm_config_overrides"] = {"temperature_override": 7}
+    bad["data"]["llm_config_overrides"] = {"temperature_override": 7, "provider_override": "anthropic"}
     async with running_worker(settings):
         await kafka.send_raw(json.dumps(bad).encode(), key="bad-1")
         await kafka.send(request_envelope())
@@ -91,6 +91,7 @@ async def test_schema_violation_yields_validation_error_naming_fields(prefix, to
     assert detail["details"]["retryable"] is False
     assert set(detail["details"]["fields"]) == {"user_prompt", "llm_config_overrides.temperature_override"}
     assert failed["winner"] is None
+    assert failed["provider"] == "anthropic"  # the upstream model only accepts real provider names
     assert sum(1 for r in results if r["data"]["winner"]) == 1
 
 
