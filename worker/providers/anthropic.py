@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from contracts import ErrorCode, PromptBlock, TokenUsage
 from worker.errors import ProviderError
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
-from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer
+from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer, parse_response
 
 TOOL_NAME = "record_comparison"
 DEFAULT_MAX_TOKENS = 1024
@@ -118,12 +118,7 @@ class AnthropicProvider:
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
-        try:
-            message = _Message.model_validate_json(body)
-        except ValidationError as exc:
-            raise ProviderError(
-                ErrorCode.PARSING_ERROR, "response is not a message", provider=self.name
-            ) from exc
+        message = parse_response(_Message, body, self.name, "a message")
         usage = message.usage.normalised() if message.usage else TokenUsage()
         written = (message.usage.cache_creation_input_tokens or 0) if message.usage else 0
         try:

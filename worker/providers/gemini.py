@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from contracts import ErrorCode, TokenUsage
-from worker.errors import ProviderError
 from worker.providers.base import Answer, ComparisonCall
-from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer
+from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer, parse_response
 
 #: The comparison schema in Gemini's Schema dialect (OpenAPI subset: upper-case types, no
 #: additionalProperties, explicit property order).
@@ -100,12 +99,7 @@ class GeminiProvider:
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
-        try:
-            response = _Response.model_validate_json(body)
-        except ValidationError as exc:
-            raise ProviderError(
-                ErrorCode.PARSING_ERROR, "response is not a generateContent answer", provider=self.name
-            ) from exc
+        response = parse_response(_Response, body, self.name, "a generateContent answer")
         usage = response.usageMetadata.normalised() if response.usageMetadata else TokenUsage()
         feedback = response.promptFeedback
         if feedback is not None and feedback.blockReason:

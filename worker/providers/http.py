@@ -21,17 +21,20 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx
 import pydantic_core
 from httpx_aiohttp import AiohttpTransport
+from pydantic import BaseModel, ValidationError
 
 from contracts import ErrorCode, TokenUsage
 from worker.errors import ProviderError
 from worker.providers.base import Answer, parse_answer
 from worker.settings import ProviderSettings
+
+_M = TypeVar("_M", bound=BaseModel)
 
 _MESSAGE_CHARS = 300
 _MAX_CACHED_URLS = 256
@@ -277,6 +280,14 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def parse_response(model: type[_M], body: bytes, provider: str, what: str) -> _M:
+    """A provider's 200 body as its response model; a body of another shape is PARSING_ERROR."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise ProviderError(ErrorCode.PARSING_ERROR, f"response is not {what}", provider=provider) from exc
 
 
 def billed_failure(

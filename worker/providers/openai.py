@@ -8,12 +8,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from contracts import ErrorCode, TokenUsage
-from worker.errors import ProviderError
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
-from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer
+from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer, parse_response
 
 #: The comparison schema in the strictest common subset of strict mode (OpenAI and OpenAI-compatible
 #: servers): no length or range keywords, which some reject; parse_answer enforces both.
@@ -162,12 +161,7 @@ class OpenAIProvider:
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
-        try:
-            completion = _Completion.model_validate_json(body)
-        except ValidationError as exc:
-            raise ProviderError(
-                ErrorCode.PARSING_ERROR, "response is not a chat completion", provider=self.name
-            ) from exc
+        completion = parse_response(_Completion, body, self.name, "a chat completion")
         usage = completion.usage.normalised() if completion.usage else TokenUsage()
         if not completion.choices:
             raise billed_failure(ErrorCode.PARSING_ERROR, self.name, "no choices", "no_choices", usage)
