@@ -102,11 +102,11 @@ class CircuitBreaker:
         self._state = state
         self._failures.clear()
         self._probes_out = self._probes_ok = 0
-        metrics.BREAKER_TRANSITIONS.labels(self.provider, state.value).inc()
+        metrics.labelled(metrics.BREAKER_TRANSITIONS, self.provider, state.value).inc()
         self._publish()
 
     def _publish(self) -> None:
-        metrics.BREAKER_STATE.labels(self.provider).set(_GAUGE_VALUE[self._state])
+        metrics.labelled(metrics.BREAKER_STATE, self.provider).set(_GAUGE_VALUE[self._state])
 
 
 class Breakers:

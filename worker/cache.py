@@ -175,7 +175,7 @@ class LocalLRU:
         _, size, _ = self._items.pop(key)
         self.bytes -= size
         if reason is not None:
-            metrics.CACHE_EVICTIONS.labels(reason).inc()
+            metrics.labelled(metrics.CACHE_EVICTIONS, reason).inc()
 
 
 class RedisUnavailable(Exception):
@@ -227,7 +227,7 @@ class RedisGuard:
         return True
 
     def _failed(self, op: str, exc: BaseException) -> None:
-        metrics.CACHE_ERRORS.labels(op).inc()
+        metrics.labelled(metrics.CACHE_ERRORS, op).inc()
         if self._open_until is None:
             log.warning(
                 "redis unavailable; cache serves from the local layer", extra={"op": op, "error": str(exc)}
@@ -279,7 +279,7 @@ class AnswerCache:
         try:
             value = CachedAnswer.from_bytes(raw if isinstance(raw, bytes) else raw.encode())
         except (ValueError, TypeError) as exc:
-            metrics.CACHE_ERRORS.labels("decode").inc()
+            metrics.labelled(metrics.CACHE_ERRORS, "decode").inc()
             log.warning("unreadable cache entry ignored", extra={"error": str(exc)})
             return None
         self.local.put(key, value, len(raw))
@@ -301,13 +301,13 @@ class AnswerCache:
         lease gone either finds the answer or knows there is none. Waiting is bounded by `deadline_s`
         (monotonic): TimeoutError. Redis costs a miss two round trips: read-or-lease, store-and-release."""
         if read and (value := self.local.get(key)) is not None:
-            metrics.CACHE_HITS.labels("local").inc()
+            metrics.labelled(metrics.CACHE_HITS, "local").inc()
             return Flight(shared=value, layer="local")
         while (pending := self._flights.get(key)) is not None:
             # Shield: a joiner hitting its deadline must not cancel the leader's future.
             shared = await asyncio.wait_for(asyncio.shield(pending), _remaining(deadline_s))
             if shared is not None:
-                metrics.SINGLE_FLIGHT_JOINS.labels("local").inc()
+                metrics.labelled(metrics.SINGLE_FLIGHT_JOINS, "local").inc()
                 return Flight(shared=shared, layer="single_flight", scope="local")
             # The leader failed or was cancelled: loop, and lead the next call unless someone else does.
         future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
@@ -340,7 +340,7 @@ class AnswerCache:
             if found[0] == _FOUND:
                 value = self._decode(key, found[1])
                 if value is not None:
-                    metrics.CACHE_HITS.labels("redis").inc()
+                    metrics.labelled(metrics.CACHE_HITS, "redis").inc()
                     return Flight(shared=value, layer="redis"), value
                 read = False  # unreadable entry: overwrite it
                 continue
@@ -352,7 +352,7 @@ class AnswerCache:
                 return await self._call(key, lease, token, compute, to_cached)
             shared = await self._await_replica(key, lease_key, deadline_s)
             if shared is not None:
-                metrics.SINGLE_FLIGHT_JOINS.labels("replica").inc()
+                metrics.labelled(metrics.SINGLE_FLIGHT_JOINS, "replica").inc()
                 return Flight(shared=shared, layer="single_flight", scope="replica"), shared
 
     async def _call(

@@ -198,10 +198,10 @@ class ConsumeLoop:
             try:
                 await self.consumer.commit(offsets)
             except KafkaError as exc:
-                metrics.COMMITS.labels("error").inc()
+                metrics.labelled(metrics.COMMITS, "error").inc()
                 log.warning("offset commit failed; will retry", extra={"error": repr(exc)})
                 return
-            metrics.COMMITS.labels("ok").inc()
+            metrics.labelled(metrics.COMMITS, "ok").inc()
             for tp, offset in offsets.items():
                 current = self.trackers.get(tp)
                 if current is not None:

@@ -8,13 +8,13 @@ import base64
 import contextlib
 import functools
 import json
-import uuid
-from collections import deque
+import os
 from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import BaseModel
 
 Kind = Literal["result", "cost", "failure", "cache_hit", "cost_alert", "dlq"]
@@ -32,14 +32,6 @@ class Outgoing:
         self.value = value
         self.correlation_id = correlation_id
 
-    def to_json(self) -> list[Any]:
-        return [self.kind, self.topic, self.key, self.value.decode(), self.correlation_id]
-
-    @classmethod
-    def from_json(cls, item: list[Any]) -> Outgoing:
-        kind, topic, key, value, correlation_id = item
-        return cls(kind, topic, key, value.encode(), correlation_id)
-
 
 def make_event(
     kind: Kind, topic: str, key: str | None, data: BaseModel, correlation_id: UUID, source_service: str
@@ -50,11 +42,20 @@ def make_event(
     now = datetime.now(UTC).isoformat()
     cid = str(correlation_id)
     value = (
-        f'{{"event_id":"{uuid.uuid4()}","event_type":"{type(data).__name__}","event_timestamp":"{now}",'
+        f'{{"event_id":"{_uuid4()}","event_type":"{type(data).__name__}","event_timestamp":"{now}",'
         f'"source_service":{_json_str(source_service)},"schema_version":1,'
         f'"correlation_id":"{cid}","data":{data.model_dump_json()},"metadata":{{}}}}'
     ).encode()
     return Outgoing(kind, topic, key, value, cid)
+
+
+def _uuid4() -> str:
+    """str(uuid.uuid4()) at a third of its cost: 122 random bits, version 4, RFC 4122 variant."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 @functools.lru_cache(maxsize=16)
@@ -79,48 +80,88 @@ def make_dlq_record(
 class Emitter:
     """Publishes with acks=all and waits for every acknowledgement.
 
-    All sends go through one pump task. aiokafka's `send()` called from hundreds of tasks at once makes
-    every caller wait and retry on the same full batch (measured here: 490 us CPU per message with 1000
-    concurrent senders vs 41 us from a single sender), so callers enqueue and await a future instead.
+    Callers enqueue their messages and await one future; a single pump task takes everything queued so far,
+    groups it by topic and partition (aiokafka's default partitioner: murmur2 of the key, as the Java
+    client), fills one record batch per partition and hands each to the producer with `send_batch`.
+    Measured here against `send()` per message from one task: 16 vs 39 us of CPU per message (and `send()`
+    from hundreds of tasks at once was 490 us). Order is kept per partition, in enqueue order.
     """
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
-        self._pending: deque[tuple[Outgoing, asyncio.Future[None]]] = deque()
+        self._pending: list[tuple[Outgoing, _Waiter]] = []
         self._wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
+        self._partitioner = DefaultPartitioner()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def publish(self, messages: list[Outgoing]) -> None:
+        if not messages:
+            return
         if self._pump_task is None:
+            self._loop = asyncio.get_running_loop()
             self._pump_task = asyncio.create_task(self._pump())
-        loop = asyncio.get_running_loop()
-        futures = []
-        for m in messages:
-            future: asyncio.Future[None] = loop.create_future()
-            self._pending.append((m, future))
-            futures.append(future)
+        assert self._loop is not None
+        waiter = _Waiter(self._loop.create_future(), len(messages))
+        self._pending.extend([(m, waiter) for m in messages])
         self._wake.set()
-        if len(futures) == 1:
-            await futures[0]
-        else:
-            await asyncio.gather(*futures)
+        await waiter.future
 
     async def _pump(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                m, future = self._pending.popleft()
-                headers = [("correlation_id", m.correlation_id.encode()), ("event-kind", m.kind.encode())]
+                pending, self._pending = self._pending, []
+                for (topic, partition), items in self._group(pending).items():
+                    await self._send(topic, partition, items)
+
+    def _group(self, pending: list[tuple[Outgoing, _Waiter]]) -> dict[tuple[str, int], list[_Item]]:
+        cluster = self.producer.client.cluster
+        partitions: dict[str, list[int]] = {}
+        groups: dict[tuple[str, int], list[_Item]] = {}
+        for m, waiter in pending:
+            parts = partitions.get(m.topic)
+            if parts is None:
+                known = cluster.partitions_for_topic(m.topic)
+                parts = partitions[m.topic] = sorted(known) if known else []
+            key = m.key.encode() if m.key is not None else None
+            # Unknown topic metadata: partition -1 sends through `send()`, which waits for the metadata.
+            partition = self._partitioner(key, parts, parts) if parts else -1
+            groups.setdefault((m.topic, partition), []).append((m, key, waiter))
+        return groups
+
+    async def _send(self, topic: str, partition: int, items: list[_Item]) -> None:
+        if partition < 0:
+            for m, key, waiter in items:
                 try:
-                    delivery = await self.producer.send(
-                        m.topic, m.value, key=m.key.encode() if m.key is not None else None, headers=headers
-                    )
+                    delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
                 except Exception as exc:  # handed to the waiting caller, which fails its request
-                    if not future.done():
-                        future.set_exception(exc)
+                    waiter.fail(exc)
                     continue
-                delivery.add_done_callback(functools.partial(_settle, future))
+                delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
+            return
+        batch = self.producer.create_batch()
+        counts: dict[_Waiter, int] = {}
+        for m, key, waiter in items:
+            if batch.append(key=key, value=m.value, timestamp=None, headers=_headers(m)) is None:
+                await self._submit(batch, topic, partition, counts)  # full: send it, start another
+                batch, counts = self.producer.create_batch(), {}
+                if batch.append(key=key, value=m.value, timestamp=None, headers=_headers(m)) is None:
+                    waiter.fail(ValueError(f"event of {len(m.value)} bytes exceeds the batch size"))
+                    continue
+            counts[waiter] = counts.get(waiter, 0) + 1
+        if counts:
+            await self._submit(batch, topic, partition, counts)
+
+    async def _submit(self, batch: Any, topic: str, partition: int, counts: dict[_Waiter, int]) -> None:
+        try:
+            delivery = await self.producer.send_batch(batch, topic, partition=partition)
+        except Exception as exc:
+            for waiter in counts:
+                waiter.fail(exc)
+            return
+        delivery.add_done_callback(functools.partial(_settle, counts))
 
     async def aclose(self) -> None:
         if self._pump_task is not None:
@@ -129,12 +170,39 @@ class Emitter:
                 await self._pump_task
 
 
-def _settle(future: asyncio.Future[None], delivery: asyncio.Future[Any]) -> None:
-    if future.done():
-        return
+class _Waiter:
+    """One publish() call: done when all of its messages are acknowledged, failed by the first error."""
+
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, future: asyncio.Future[None], remaining: int) -> None:
+        self.future = future
+        self.remaining = remaining
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def acked(self, n: int) -> None:
+        self.remaining -= n
+        if self.remaining <= 0 and not self.future.done():
+            self.future.set_result(None)
+
+
+_Item = tuple[Outgoing, bytes | None, _Waiter]
+
+
+def _headers(m: Outgoing) -> list[tuple[str, bytes]]:
+    return [("correlation_id", m.correlation_id.encode()), ("event-kind", m.kind.encode())]
+
+
+def _settle(counts: dict[_Waiter, int], delivery: asyncio.Future[Any]) -> None:
     if delivery.cancelled():
-        future.cancel()
+        for waiter in counts:
+            waiter.future.cancel()
     elif (exc := delivery.exception()) is not None:
-        future.set_exception(exc)
+        for waiter in counts:
+            waiter.fail(exc)
     else:
-        future.set_result(None)
+        for waiter, n in counts.items():
+            waiter.acked(n)

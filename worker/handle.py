@@ -79,7 +79,7 @@ class Handler:
 
     async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
         """After the poison attempts are spent: DLQ record and, when readable, an INTERNAL_ERROR result."""
-        metrics.DLQ.labels("poison").inc()
+        metrics.labelled(metrics.DLQ, "poison").inc()
         messages = [self._dlq(record, f"processing failed: {type(error).__name__}: {error}")]
         try:
             job = decode_request(
@@ -119,7 +119,9 @@ class Handler:
         requested = job.request.cache
         policy = self.cache.policy(requested)
         if policy is CachePolicy.BYPASS:
-            metrics.CACHE_BYPASS.labels("request" if requested is CachePolicy.BYPASS else "disabled").inc()
+            metrics.labelled(
+                metrics.CACHE_BYPASS, "request" if requested is CachePolicy.BYPASS else "disabled"
+            ).inc()
             outcome, alerts = await self._call(job, call, deadline_s)
             return self._events(job, outcome, _ms_since(t0), "bypass") + alerts
         key = self.cache.key_for(call)
@@ -223,7 +225,7 @@ class Handler:
             user_id=request.user_id,
             organization_id=request.organization_id,
         )
-        metrics.REQUESTS.labels("success", call.provider, "").inc()
+        metrics.labelled(metrics.REQUESTS, "success", call.provider, "").inc()
         src, cid = self.service_name, job.correlation_id
         return [
             make_event("result", job.callback_topic, job.request_id, result, cid, src),
@@ -302,13 +304,16 @@ class Handler:
             messages.append(
                 make_event("failure", self.topics.failure, job.request_id, failure, job.correlation_id, src)
             )
-        metrics.REQUESTS.labels(
-            "success" if answer else "failure", call.provider, error.code.value if error else ""
+        metrics.labelled(
+            metrics.REQUESTS,
+            "success" if answer else "failure",
+            call.provider,
+            error.code.value if error else "",
         ).inc()
         return messages
 
     def _invalid_events(self, exc: Invalid) -> list[Outgoing]:
-        metrics.REQUESTS.labels("failure", "", ErrorCode.VALIDATION_ERROR.value).inc()
+        metrics.labelled(metrics.REQUESTS, "failure", "", ErrorCode.VALIDATION_ERROR.value).inc()
         detail = ErrorDetail.from_code(
             ErrorCode.VALIDATION_ERROR,
             exc.reason,
@@ -349,7 +354,7 @@ class Handler:
         return provider, known.default_model if known is not None else ""
 
     async def _dead_letter(self, record: ConsumerRecord, exc: Unparseable) -> None:
-        metrics.DLQ.labels("unparseable").inc()
+        metrics.labelled(metrics.DLQ, "unparseable").inc()
         log.warning("unparseable message sent to DLQ", extra={"reason": exc.reason, "offset": record.offset})
         messages = [self._dlq(record, exc.reason)]
         if exc.correlation_id is not None:

@@ -196,7 +196,7 @@ class Orchestrator:
         i = 0
         while i < len(candidates):
             if i:
-                metrics.FALLBACKS.labels(candidates[i - 1].provider, candidates[i].provider).inc()
+                metrics.labelled(metrics.FALLBACKS, candidates[i - 1].provider, candidates[i].provider).inc()
             nxt = candidates[i + 1] if self.fallback.hedge and i + 1 < len(candidates) else None
             if nxt is None:
                 answered_by, (answer, error), used = (
@@ -232,7 +232,7 @@ class Orchestrator:
             if done:
                 del pending[first]
                 return (call, *first.result(), 1)
-            metrics.ATTEMPTS.labels(hedge.provider, "hedge").inc()
+            metrics.labelled(metrics.ATTEMPTS, hedge.provider, "hedge").inc()
             pending[asyncio.create_task(self._run_provider(hedge, deadline_s, outcome))] = hedge
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -289,7 +289,7 @@ class Orchestrator:
             wait=self._wait,
             stop=lambda rs: self._stop(rs, deadline_s, outcome),
             sleep=self.sleep,
-            before_sleep=lambda rs: metrics.ATTEMPTS.labels(call.provider, "retry").inc(),
+            before_sleep=lambda rs: metrics.labelled(metrics.ATTEMPTS, call.provider, "retry").inc(),
             reraise=True,
         )
         try:
@@ -330,7 +330,7 @@ class Orchestrator:
         if deadline_s is not None and self.clock() >= deadline_s:
             raise RequestRejected(ErrorCode.EXPIRED, "deadline passed before the provider was called")
         if not breaker.try_acquire():
-            metrics.ATTEMPTS.labels(call.provider, "breaker_open").inc()
+            metrics.labelled(metrics.ATTEMPTS, call.provider, "breaker_open").inc()
             raise ProviderError(
                 ErrorCode.PROVIDER_UNAVAILABLE, "circuit breaker open: failing fast", provider=call.provider
             )
@@ -388,9 +388,9 @@ class Orchestrator:
         duration_s: float,
         outcome: CallOutcome,
     ) -> None:
-        metrics.PROVIDER_LATENCY.labels(call.provider).observe(duration_s)
-        metrics.PROVIDER_CALLS.labels(call.provider, "ok" if answer else "error").inc()
-        metrics.ATTEMPTS.labels(call.provider, "call").inc()
+        metrics.labelled(metrics.PROVIDER_LATENCY, call.provider).observe(duration_s)
+        metrics.labelled(metrics.PROVIDER_CALLS, call.provider, "ok" if answer else "error").inc()
+        metrics.labelled(metrics.ATTEMPTS, call.provider, "call").inc()
         model = answer.model if answer else call.model
         written = (
             answer.cache_write_tokens
@@ -413,7 +413,7 @@ class Orchestrator:
     def _cost(self, model: str, usage: TokenUsage, cache_write_tokens: int = 0) -> Cost:
         cost = self.prices.cost(model, usage, cache_write_tokens)
         if not cost.price_known:
-            metrics.PRICE_UNKNOWN.labels(model).inc()
+            metrics.labelled(metrics.PRICE_UNKNOWN, model).inc()
         return cost
 
     async def aclose(self) -> None:

@@ -5,13 +5,22 @@ A redelivered request finds its record: if it was emitted, only the result is re
 cost-tracking event); if the crash came between put and mark_emitted, everything is sent again with the
 same event ids, so consumers can drop the copy. With Redis down the store answers "unknown" and the worker
 falls back to plain at-least-once, counted in llm_worker_idempotency_degraded_total.
+
+Cost per request is kept to a few microseconds: the lookups of all requests that ask in the same event-loop
+turn go out as one MGET, and their writes (outcome and emitted marker alike) as one script call setting
+every key with the TTL, each through the shared RedisBatch. The stored record is the events' own bytes
+behind a small JSON header, so nothing is re-serialised. (The multi-key script assumes one Redis node, not
+Redis Cluster.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -21,6 +30,12 @@ from worker.emit import Outgoing
 from worker.redis_batch import RedisBatch
 
 log = logging.getLogger(__name__)
+
+_SET_ALL = """
+local ttl = ARGV[#ARGV]
+for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i], 'EX', ttl) end
+return #KEYS
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,44 +49,117 @@ class StoredOutcome:
         return self.messages
 
 
+def encode_outcome(messages: list[Outgoing]) -> bytes:
+    """One JSON line of [kind, topic, key, correlation_id, value length] per event, then the values."""
+    header = [[m.kind, m.topic, m.key, m.correlation_id, len(m.value)] for m in messages]
+    return b"".join([json.dumps(header, separators=(",", ":")).encode(), b"\n", *(m.value for m in messages)])
+
+
+def decode_outcome(stored: bytes) -> list[Outgoing]:
+    head, sep, body = stored.partition(b"\n")
+    if not sep:  # the earlier format: a JSON list of [kind, topic, key, value text, correlation_id]
+        return [Outgoing(k, t, key, v.encode(), c) for k, t, key, v, c in json.loads(stored)]
+    out, at = [], 0
+    for kind, topic, key, correlation_id, size in json.loads(head):
+        out.append(Outgoing(kind, topic, key, body[at : at + size], correlation_id))
+        at += size
+    return out
+
+
 class OutcomeStore:
     """Two keys per request, both with the TTL: `<prefix>:outcome:<id>` = the outcome's events, and
-    `<prefix>:emitted:<id>` = "1" once Kafka acknowledged them. Three commands per request (MGET, SET,
-    SET), sent through a RedisBatch so concurrent requests share round trips."""
+    `<prefix>:emitted:<id>` = "1" once Kafka acknowledged them."""
 
     def __init__(self, redis: Redis, prefix: str, ttl_s: int) -> None:
         self.batch = RedisBatch(redis)
         self.prefix = f"{prefix}:outcome:"
         self.emitted_prefix = f"{prefix}:emitted:"
         self.ttl_s = ttl_s
+        self._gets: list[tuple[str, asyncio.Future[Any]]] = []
+        self._sets: list[tuple[str, bytes, asyncio.Future[Any]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def get(self, request_id: str) -> StoredOutcome | None:
+        loop = self._running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._gets:
+            loop.call_soon(self._flush_gets)
+        self._gets.append((request_id, future))
         try:
-            stored, emitted = await self.batch.execute(
-                "MGET", self.prefix + request_id, self.emitted_prefix + request_id
-            )
+            stored, emitted = await future
         except (RedisError, OSError) as exc:
             self._degraded("get", exc)
             return None
         if stored is None:
             return None
-        messages = [Outgoing.from_json(item) for item in json.loads(stored)]
-        return StoredOutcome(messages, emitted=emitted == b"1")
+        return StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
 
     async def put(self, request_id: str, messages: list[Outgoing]) -> None:
         """Store the events before publishing them."""
-        value = json.dumps([m.to_json() for m in messages])
-        try:
-            await self.batch.execute("SET", self.prefix + request_id, value, "EX", self.ttl_s)
-        except (RedisError, OSError) as exc:
-            self._degraded("put", exc)
+        await self._set("put", self.prefix + request_id, encode_outcome(messages))
 
     async def mark_emitted(self, request_id: str) -> None:
+        await self._set("mark_emitted", self.emitted_prefix + request_id, b"1")
+
+    async def _set(self, op: str, key: str, value: bytes) -> None:
+        loop = self._running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._sets:
+            loop.call_soon(self._flush_sets)
+        self._sets.append((key, value, future))
         try:
-            await self.batch.execute("SET", self.emitted_prefix + request_id, "1", "EX", self.ttl_s)
+            await future
         except (RedisError, OSError) as exc:
-            self._degraded("mark_emitted", exc)
+            self._degraded(op, exc)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _flush_gets(self) -> None:
+        gets, self._gets = self._gets, []
+        keys: list[str] = []
+        for request_id, _ in gets:
+            keys += (self.prefix + request_id, self.emitted_prefix + request_id)
+        self.batch.submit("MGET", *keys).add_done_callback(partial(_hand_out_gets, gets))
+
+    def _flush_sets(self) -> None:
+        sets, self._sets = self._sets, []
+        keys = [key for key, _, _ in sets]
+        values = [value for _, value, _ in sets]
+        reply = self.batch.submit("EVAL", _SET_ALL, len(keys), *keys, *values, self.ttl_s)
+        reply.add_done_callback(partial(_hand_out_sets, [f for _, _, f in sets]))
 
     def _degraded(self, op: str, exc: Exception) -> None:
-        metrics.IDEMPOTENCY_DEGRADED.labels(op).inc()
+        metrics.labelled(metrics.IDEMPOTENCY_DEGRADED, op).inc()
         log.warning("idempotency store unavailable; at-least-once only", extra={"op": op, "error": str(exc)})
+
+
+def _hand_out_gets(gets: list[tuple[str, asyncio.Future[Any]]], reply: asyncio.Future[Any]) -> None:
+    values = reply.result() if not reply.cancelled() and reply.exception() is None else None
+    for i, (_, future) in enumerate(gets):
+        if future.done():
+            continue
+        if values is None:
+            _fail(future, reply)
+        else:
+            future.set_result((values[2 * i], values[2 * i + 1]))
+
+
+def _hand_out_sets(futures: list[asyncio.Future[Any]], reply: asyncio.Future[Any]) -> None:
+    ok = not reply.cancelled() and reply.exception() is None
+    for future in futures:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(None)
+        else:
+            _fail(future, reply)
+
+
+def _fail(future: asyncio.Future[Any], reply: asyncio.Future[Any]) -> None:
+    if reply.cancelled():
+        future.cancel()
+    else:
+        future.set_exception(reply.exception() or RedisError("no reply"))

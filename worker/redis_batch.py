@@ -33,11 +33,16 @@ class RedisBatch:
         self._conn: AbstractConnection | None = None
 
     async def execute(self, *command: Any) -> Any:
+        return await self.submit(*command)
+
+    def submit(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue a command; the future gets its reply (or its error). For callers that coalesce further and
+        hand replies out from a done-callback instead of awaiting."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_queued())
-        return await future
+        return future
 
     async def _send_queued(self) -> None:
         """Send until the queue is empty, then end (the next command starts a new sender)."""

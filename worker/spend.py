@@ -124,7 +124,7 @@ class SpendTracker:
         try:
             spent_nano = await self.guard.call("budget", lambda: self._sum(keys=[counter.key], args=[oldest]))
         except RedisUnavailable:
-            metrics.SPEND_ERRORS.labels("budget").inc()
+            metrics.labelled(metrics.SPEND_ERRORS, "budget").inc()
             return
         spent_usd = int(spent_nano) / NANO
         if spent_usd + estimate_usd > budget:
@@ -156,12 +156,12 @@ class SpendTracker:
         try:
             totals = await self.guard.call("spend", lambda: self._record(keys=keys, args=args))
         except RedisUnavailable:
-            metrics.SPEND_ERRORS.labels("record").inc()
+            metrics.labelled(metrics.SPEND_ERRORS, "record").inc()
             return []
         alerts = []
         for c, (total, crossed) in zip(counters, totals, strict=True):
             if crossed and c.scope != "budget" and c.threshold_usd is not None:
-                metrics.COST_ALERTS.labels(c.scope).inc()
+                metrics.labelled(metrics.COST_ALERTS, c.scope).inc()
                 alerts.append(
                     LLMCostAlertV1(
                         scope="global" if c.scope == "global" else "organization",

@@ -7,6 +7,7 @@ import uuid
 
 from contracts import EventEnvelope, LLMCostAlertV1
 from worker.emit import Outgoing, make_event
+from worker.outcomes import decode_outcome, encode_outcome
 
 
 def test_make_event_output_parses_as_the_envelope_contract() -> None:
@@ -26,13 +27,18 @@ def test_make_event_output_parses_as_the_envelope_contract() -> None:
     assert (out.topic, out.key, out.correlation_id) == ("topic", "key", str(cid))
 
 
-def test_outgoing_round_trips_through_its_stored_form() -> None:
-    out = Outgoing("result", "t", None, b'{"a": 1}', "c")
-    again = Outgoing.from_json(json.loads(json.dumps(out.to_json())))
-    assert (again.kind, again.topic, again.key, again.value, again.correlation_id) == (
-        "result",
-        "t",
-        None,
-        b'{"a": 1}',
-        "c",
-    )
+def test_outcome_record_round_trips_the_event_bytes_exactly() -> None:
+    events = [
+        Outgoing("result", "t", None, b'{"a": 1, "s": "line\\nbreak \\u00e9"}', "c"),
+        Outgoing("cost", "cost-topic", 'k "q"', '{"b":"\u00e9"}'.encode(), "c2"),
+    ]
+    again = decode_outcome(encode_outcome(events))
+    assert [(m.kind, m.topic, m.key, m.value, m.correlation_id) for m in again] == [
+        (m.kind, m.topic, m.key, m.value, m.correlation_id) for m in events
+    ]
+
+
+def test_outcome_records_of_the_earlier_json_format_still_decode() -> None:
+    earlier = json.dumps([["result", "t", "k", '{"a": 1}', "c"]]).encode()
+    [m] = decode_outcome(earlier)
+    assert (m.kind, m.topic, m.key, m.value, m.correlation_id) == ("result", "t", "k", b'{"a": 1}', "c")
