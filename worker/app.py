@@ -107,6 +107,9 @@ class Runtime:
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
+            # The Emitter fills one batch per partition per turn; a full batch makes the next one for that
+            # partition wait a produce round trip, so batches may be large (the broker accepts up to 1 MB).
+            max_batch_size=512 * 1024,
         )
         await self._producer.start()
         self.emitter = Emitter(self._producer)

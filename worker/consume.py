@@ -1,5 +1,6 @@
 """The consume loop: many requests in flight per partition, at-least-once watermark commits,
-backpressure by pause/resume, bounded drain on revocation and shutdown.
+backpressure (no records taken at the limit, so aiokafka fetches no more), bounded drain on revocation and
+shutdown.
 
 FastStream's subscriber awaits one message at a time and `msg.ack()` commits everything read so far, so
 offsets are ours: this loop drives an aiokafka consumer directly (auto-commit off) and publishes through
@@ -38,6 +39,9 @@ from worker.offsets import PartitionTracker
 from worker.settings import FlowSettings
 
 log = logging.getLogger(__name__)
+
+# While the in-flight window stays full, poll (paused) at least this often to stay in the group.
+_FULL_POLL_S = 30.0
 
 Handle = Callable[[ConsumerRecord], Awaitable[None]]
 Poison = Callable[[ConsumerRecord, BaseException], Awaitable[None]]
@@ -88,16 +92,23 @@ class ConsumeLoop:
     async def _fetch_once(self) -> None:
         room = self.flow.max_in_flight - self.in_flight
         if room <= 0 or (self._paused and self.in_flight > self._resume_at):
-            # Backpressure: fetching is paused but we keep polling, so group membership stays alive
-            # however long the provider calls take; paused partitions return nothing.
-            self._pause()
+            # Backpressure: take no more records. aiokafka keeps what it already fetched (at most one response
+            # per partition) and fetches nothing more for a partition until its records are taken, so memory
+            # stays bounded without pause(); pausing would make it drop those records and fetch them again on
+            # resume (measured: that refetching was most of the consumer's CPU under load).
+            self._set_backpressure(True)
             self._capacity.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._capacity.wait(), timeout=1.0)
-            await self.consumer.getmany(timeout_ms=0)
+            try:
+                await asyncio.wait_for(self._capacity.wait(), timeout=_FULL_POLL_S)
+            except TimeoutError:
+                # Full for a long time: poll with every partition paused, so that this member is not taken
+                # for dead (max.poll.interval.ms) however long the provider calls take.
+                self.consumer.pause(*self.consumer.assignment())
+                await self.consumer.getmany(timeout_ms=0)
+                self.consumer.resume(*self.consumer.assignment())
             return
         if self._paused:
-            self._resume()
+            self._set_backpressure(False)
         batch = await self.consumer.getmany(timeout_ms=100, max_records=room)
         for tp, records in batch.items():
             tracker = self.trackers.get(tp)
@@ -162,16 +173,10 @@ class ConsumeLoop:
 
     # ---- backpressure ----------------------------------------------------------------------------------
 
-    def _pause(self) -> None:
-        if not self._paused:
-            self._paused = True
-            metrics.PAUSED.set(1)
-        self.consumer.pause(*self.consumer.assignment())
-
-    def _resume(self) -> None:
-        self._paused = False
-        metrics.PAUSED.set(0)
-        self.consumer.resume(*self.consumer.assignment())
+    def _set_backpressure(self, on: bool) -> None:
+        if on != self._paused:
+            self._paused = on
+            metrics.PAUSED.set(1 if on else 0)
 
     # ---- commits ---------------------------------------------------------------------------------------
 
@@ -214,8 +219,6 @@ class ConsumeLoop:
             self._epoch += 1
             self.trackers[tp] = PartitionTracker(self._epoch)
             self.tasks[tp] = set()
-        if self._paused:
-            self.consumer.pause(*assigned)
         log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
         self.assigned.set()
 
@@ -239,7 +242,7 @@ class ConsumeLoop:
         log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in mine)})
 
     async def _drain(self, grace_s: float) -> None:
-        self._pause()
+        self._set_backpressure(True)
         pending: set[asyncio.Task[None]] = set().union(*self.tasks.values())
         if pending:
             log.info("draining in-flight requests", extra={"in_flight": len(pending), "grace_s": grace_s})
