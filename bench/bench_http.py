@@ -4,13 +4,14 @@ The fake server runs in its own process (`llm-worker fake-server`) answering aft
 fixed time each client keeps --in-flight requests (1000) going; we print completed requests/s and the
 client process's CPU time per request (time.process_time() / completed):
 
-  a provider/aiohttp   OpenAIProvider.compare() as the worker runs it: payload, one POST on the
-                       httpx-aiohttp transport via HttpEndpoint, pydantic parse, answer validation
-  b provider/httpx     the same provider on httpx's default transport (pool raised to --in-flight)
+  a provider/aiohttp   OpenAIProvider.compare() as the worker runs it: payload, one POST on the provider's
+                       aiohttp.ClientSession (HttpEndpoint + AiohttpSender), pydantic parse, answer validation
+  b provider/httpx     the same provider on httpx's default transport (HttpxSender; pool raised)
   c raw httpx          bare httpx.AsyncClient POST of the same bytes, default transport (pool raised)
-  d client+aiohttp     bare httpx.AsyncClient POST on the httpx-aiohttp transport (why HttpEndpoint
-                       skips AsyncClient)
+  d client+aiohttp     bare httpx.AsyncClient POST on the httpx-aiohttp transport (the issue's suggestion)
   e raw aiohttp        bare aiohttp.ClientSession POST of the same bytes (the floor)
+  f provider/httpx-aio the same provider on the httpx-aiohttp transport without httpx.AsyncClient
+                       (HttpxSender over httpx_aiohttp.AiohttpTransport); only when named in --only
 
   E2E worker/http     one `llm-worker run` process with OPENAI_BASE_URL at the fake server and
                        MAX_IN_FLIGHT=--in-flight: --e2e-n pre-loaded requests, Kafka in -> HTTP -> Kafka out;
@@ -18,6 +19,7 @@ client process's CPU time per request (time.process_time() / completed):
   E2E worker/mock     the same on the mock provider at --latency-ms: the CPU difference is the HTTP path
 
 Usage: python bench/bench_http.py [--seconds 15] [--in-flight 1000] [--latency-ms 1000] [--only a,c,E2E]
+       [--uvloop]  (the client on uvloop, as `llm-worker run` is; asyncio's default loop otherwise)
 Other processes on the machine share the CPUs; the load average is printed with the figures.
 """
 
@@ -36,13 +38,14 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import uvloop
 from httpx_aiohttp import AiohttpTransport
 from pydantic import SecretStr
 
 from contracts import ProviderName
 from worker.providers import build_provider
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, ComparisonCall
-from worker.providers.http import HttpEndpoint
+from worker.providers.http import HttpEndpoint, HttpxSender
 from worker.providers.openai import OpenAIProvider
 from worker.settings import ProviderSettings
 
@@ -108,7 +111,7 @@ async def measure(name: str, one: Callable[[int], Awaitable[None]], seconds: flo
     server_cpu = (_cpu_s(SERVER_PID[0]) if SERVER_PID else 0.0) - server_cpu0
     per_req_ms = cpu / done * 1000 if done else float("nan")
     print(
-        f"{name:<17} {done / wall:8.0f} req/s  {per_req_ms:6.3f} ms CPU/req  "
+        f"{name:<18} {done / wall:8.0f} req/s  {per_req_ms:6.3f} ms CPU/req  "
         f"({done} ok, {failed} failed in {wall:.1f} s; fake server {server_cpu / max(done, 1) * 1000:.3f} ms "
         f"CPU/req; load {os.getloadavg()[0]:.2f})",
         flush=True,
@@ -121,9 +124,9 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
         openai_base_url=f"{base_url}/v1",
         http_max_connections=args.in_flight,
     )
-    body = json.dumps(
-        OpenAIProvider("openai", MODEL, httpx.AsyncClient()).build_payload(the_call(0))
-    ).encode()
+    probe = build_provider(ProviderName.OPENAI, settings)
+    assert isinstance(probe, OpenAIProvider)
+    body = json.dumps(probe.build_payload(the_call(0))).encode()
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
     limits = httpx.Limits(max_connections=args.in_flight, max_keepalive_connections=args.in_flight)
     only = set(args.only.split(",")) if args.only else None
@@ -139,12 +142,9 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
         await provider.aclose()
 
     if only is None or "b" in only:
-        endpoint = HttpEndpoint(
-            httpx.AsyncHTTPTransport(limits=limits),
-            f"{base_url}/v1",
-            {"authorization": "Bearer sk-bench", "content-type": "application/json"},
-            {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0},
-        )
+        timeout = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
+        sender = HttpxSender(httpx.AsyncHTTPTransport(limits=limits), headers, timeout)
+        endpoint = HttpEndpoint(sender, f"{base_url}/v1")
         plain = OpenAIProvider("openai", MODEL, endpoint)
 
         async def via_plain_provider(i: int) -> None:
@@ -185,6 +185,17 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
                     await response.read()
 
             await measure("raw aiohttp", via_aiohttp, args.seconds, args.in_flight)
+
+    if only is not None and "f" in only:
+        timeout = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
+        sender = HttpxSender(AiohttpTransport(limits=limits), headers, timeout)
+        wrapped_provider = OpenAIProvider("openai", MODEL, HttpEndpoint(sender, f"{base_url}/v1"))
+
+        async def via_wrapped_provider(i: int) -> None:
+            await wrapped_provider.compare(the_call(i))
+
+        await measure("provider/httpx-aio", via_wrapped_provider, args.seconds, args.in_flight)
+        await wrapped_provider.aclose()
 
 
 def _cpu_s(pid: int) -> float:
@@ -233,7 +244,7 @@ async def end_to_end(base_url: str, n: int, in_flight: int, mock_ms: float | Non
         rate = (seen - 1) / (last - first) if seen > 1 and last > first else 0.0
         cpu_ms = (cpu_last - cpu_first) / max(1, seen - 1) * 1000
         print(
-            f"{label:<17} {rate:8.0f} req/s  {cpu_ms:6.3f} ms worker CPU/req (whole path)  "
+            f"{label:<18} {rate:8.0f} req/s  {cpu_ms:6.3f} ms worker CPU/req (whole path)  "
             f"({seen}/{n} results, {ok} answered; load {os.getloadavg()[0]:.2f})",
             flush=True,
         )
@@ -247,7 +258,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--in-flight", type=int, default=1000)
     parser.add_argument("--latency-ms", type=float, default=1000.0)
-    parser.add_argument("--only", default="", help="subset of a,b,c,d,e,E2E (see the docstring)")
+    parser.add_argument("--only", default="", help="subset of a,b,c,d,e,f,E2E (see the docstring)")
+    parser.add_argument("--uvloop", action="store_true", help="run the clients on uvloop")
     parser.add_argument("--e2e-n", type=int, default=15000)
     args = parser.parse_args()
     port = free_port()
@@ -255,11 +267,12 @@ def main() -> None:
     SERVER_PID.append(server.pid)
     print(
         f"fake server latency {args.latency_ms:.0f} ms, {args.in_flight} in flight, "
-        f"{args.seconds:.0f} s each, {os.cpu_count()} CPUs",
+        f"{args.seconds:.0f} s each, {os.cpu_count()} CPUs, {'uvloop' if args.uvloop else 'asyncio'} loop",
         flush=True,
     )
     try:
-        asyncio.run(run(args, f"http://127.0.0.1:{port}"))
+        run_loop = uvloop.run if args.uvloop else asyncio.run
+        run_loop(run(args, f"http://127.0.0.1:{port}"))
         if not args.only or "E2E" in args.only.split(","):
             asyncio.run(end_to_end(f"http://127.0.0.1:{port}", args.e2e_n, args.in_flight))
             asyncio.run(end_to_end("", args.e2e_n, args.in_flight, mock_ms=args.latency_ms))

@@ -10,7 +10,7 @@ import pytest
 
 from contracts import ErrorCode
 from worker.errors import ProviderError
-from worker.providers.http import HttpEndpoint, classify_error, make_endpoint
+from worker.providers.http import HttpEndpoint, HttpxSender, classify_error, make_endpoint
 from worker.settings import ProviderSettings
 
 from .fake_providers import fake_server
@@ -175,7 +175,7 @@ async def test_an_httpx_timeout_is_timeout() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("slow", request=request)
 
-    endpoint = HttpEndpoint(httpx.MockTransport(handler), "http://provider", {})
+    endpoint = HttpEndpoint(HttpxSender(httpx.MockTransport(handler), {}), "http://provider")
     with pytest.raises(ProviderError) as caught:
         await endpoint.post_json("openai", "/chat/completions", {})
     assert caught.value.code is ErrorCode.TIMEOUT
@@ -221,7 +221,9 @@ async def test_the_endpoint_sends_one_post_with_fixed_headers_and_json_body() ->
         seen.append(request)
         return httpx.Response(200, content=b'{"ok": true}')
 
-    endpoint = HttpEndpoint(httpx.MockTransport(handler), "http://provider/v1", {"authorization": "Bearer k"})
+    endpoint = HttpEndpoint(
+        HttpxSender(httpx.MockTransport(handler), {"authorization": "Bearer k"}), "http://provider/v1"
+    )
     assert await endpoint.post_json("openai", "/chat/completions", {"model": "m"}) == b'{"ok": true}'
     [request] = seen
     assert request.method == "POST"
@@ -234,8 +236,30 @@ async def test_a_non_2xx_answer_is_classified_from_its_status_body_and_headers()
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(429, content=body(OPENAI_429), headers={"retry-after": "3"})
 
-    endpoint = HttpEndpoint(httpx.MockTransport(handler), "http://provider", {})
+    endpoint = HttpEndpoint(HttpxSender(httpx.MockTransport(handler), {}), "http://provider")
     with pytest.raises(ProviderError) as caught:
         await endpoint.post_json("openai", "/chat/completions", {})
     assert caught.value.code is ErrorCode.RATE_LIMIT
     assert caught.value.retry_after_s == 3.0
+
+
+async def test_the_aiohttp_endpoint_posts_json_with_the_fixed_headers() -> None:
+    async with fake_server() as (server, url):
+        endpoint = make_endpoint(ProviderSettings(), f"{url}/v1", {"authorization": "Bearer k"})
+        await endpoint.post_json("openai", "/chat/completions", {"model": "m", "messages": []})
+        await endpoint.aclose()
+    [request] = server.requests
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer k"
+    assert request.headers["content-type"] == "application/json"
+    assert request.body == {"model": "m", "messages": []}
+
+
+async def test_an_httpx_connection_failure_is_connection_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    endpoint = HttpEndpoint(HttpxSender(httpx.MockTransport(handler), {}), "http://provider")
+    with pytest.raises(ProviderError) as caught:
+        await endpoint.post_json("openai", "/chat/completions", {})
+    assert caught.value.code is ErrorCode.CONNECTION_ERROR

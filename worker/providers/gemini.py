@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel
 
 from contracts import ErrorCode, TokenUsage
@@ -119,7 +119,7 @@ class GeminiProvider:
         parts = candidate.content.parts if candidate.content else []
         text = "".join(p.text for p in parts if p.text and not p.thought)
         try:
-            obj = json.loads(text)
+            obj = pydantic_core.from_json(text)
         except ValueError as exc:
             raise billed_failure(
                 ErrorCode.PARSING_ERROR, self.name, "answer is not JSON", None, usage

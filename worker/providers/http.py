@@ -1,8 +1,8 @@
 """The HTTP edge shared by the real providers: one connection pool per provider, one POST per call, and the
 one place where HTTP failures become ProviderErrors.
 
-    no answer   httpx.TimeoutException      -> TIMEOUT
-                httpx.TransportError        -> CONNECTION_ERROR
+    no answer   a timeout (TimeoutError, httpx.TimeoutException)               -> TIMEOUT
+                no connection or a broken one (aiohttp.ClientError, httpx.TransportError) -> CONNECTION_ERROR
     bad answer  401/403 (and Gemini's 400 API_KEY_INVALID)          -> AUTHENTICATION_ERROR
                 400/413 that says the prompt is too long            -> CONTENT_TOO_LONG
                 400 that says the content was refused               -> CONTENT_POLICY
@@ -10,8 +10,10 @@ one place where HTTP failures become ProviderErrors.
                 408 -> TIMEOUT; 429 -> RATE_LIMIT (not retryable when the quota is spent)
                 409, 5xx, 529 overloaded -> EXTERNAL_SERVICE_ERROR (retryable)
 
-Requests use the aiohttp transport (httpx-aiohttp): httpx's own pool spends far more CPU per request at
-high concurrency (encode/httpx#3215), which bench/bench_http.py measures.
+Requests go through one aiohttp.ClientSession per provider, called directly: httpx's own pool spends far
+more CPU per request at high concurrency (encode/httpx#3215), and httpx.AsyncClient over the aiohttp
+transport (httpx-aiohttp) still doubles the CPU of a call; bench/bench_http.py measures all three. Any
+httpx transport can stand in (HttpxSender), which is how tests inject httpx.MockTransport.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import email.utils
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import httpx
 import pydantic_core
-from httpx_aiohttp import AiohttpTransport
+import yarl
 from pydantic import BaseModel, ValidationError
 
 from contracts import ErrorCode, TokenUsage
@@ -53,134 +55,148 @@ _POLICY_HINTS = ("content_policy_violation", "content_filter", "safety")
 _QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "billing")
 
 
-class AiohttpBodyTransport(AiohttpTransport):
-    """httpx-aiohttp's transport, reading each (small, JSON) answer whole in one `read()` instead of
-    streaming it through httpx's async byte iterators, and raising the right httpx error: the upstream
-    map turns every aiohttp connection error (refused, reset, hung up) into httpx.ConnectTimeout."""
+class AiohttpSender:
+    """One provider's pooled connections: an aiohttp.ClientSession with the provider's fixed headers and
+    timeouts, opened on first use (it must be created inside the running loop).
 
-    def get_client(self) -> aiohttp.ClientSession:
-        """No cookie jar: provider APIs are stateless, and the jar costs CPU on every call."""
+    The session's own defaults carry headers and timeouts, so a call passes only the URL and the body; no
+    cookie jar (provider APIs are stateless, and the jar costs CPU on every call), no redirects."""
+
+    def __init__(
+        self,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+        max_connections: int,
+        keepalive_expiry_s: float,
+    ) -> None:
+        self.headers = dict(headers)
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.keepalive_expiry_s = keepalive_expiry_s
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=self.limits.max_connections or 0,
-            keepalive_timeout=self.limits.keepalive_expiry,
-            ssl=self.ssl_context,
+            limit=self.max_connections, keepalive_timeout=self.keepalive_expiry_s
         )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not isinstance(self.client, aiohttp.ClientSession):
-            self.client = self.get_client()
-        timeout = request.extensions.get("timeout", {})
-        try:
-            async with self.client.request(
-                request.method,
-                str(request.url),
-                headers=request.headers,
-                data=request.content or None,
-                allow_redirects=False,
-                auto_decompress=False,  # httpx decodes by content-encoding when the body is read
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                    connect=timeout.get("pool"),
-                ),
-            ) as response:
-                content = await response.read()
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is a TimeoutError too
-            raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-        return httpx.Response(response.status, headers=response.raw_headers, content=content, request=request)
-
-
-@dataclass(slots=True)
-class HttpEndpoint:
-    """One provider's base URL, fixed headers (auth) and timeouts over a pooled httpx transport.
-
-    Requests go straight to the transport (`handle_async_request`, httpx's one seam, so tests pass an
-    httpx.MockTransport) rather than through httpx.AsyncClient: the client's cookie jar, redirect and
-    auth machinery and per-call URL merging cost more CPU per call than the whole aiohttp request
-    (bench/bench_http.py), and a provider call needs none of them."""
-
-    transport: httpx.AsyncBaseTransport
-    base_url: str
-    headers: Mapping[str, str]  # an httpx.Headers in production: copied, not re-encoded, per request
-    timeout: dict[str, float | None] = field(default_factory=dict)
-    _urls: dict[str, httpx.URL] = field(default_factory=dict)
-
-    def url(self, path: str) -> httpx.URL:
-        """Parsed once per path (parsing is a third of httpx.Request's cost); bounded, since Gemini's
-        path carries the model name."""
-        url = self._urls.get(path)
-        if url is None:
-            url = httpx.URL(self.base_url + path)
-            if len(self._urls) < _MAX_CACHED_URLS:
-                self._urls[path] = url
-        return url
-
-    async def post_json(self, provider: str, path: str, payload: dict[str, Any]) -> bytes:
-        """POST `payload` once; the 2xx body, or a classified ProviderError."""
-        request = httpx.Request(
-            "POST",
-            self.url(path),
-            content=pydantic_core.to_json(payload),  # a third of json.dumps' CPU
+        self._session = aiohttp.ClientSession(
+            connector=connector,
             headers=self.headers,
-            extensions={"timeout": self.timeout},
+            timeout=self.timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
+        return self._session
+
+    def _url(self, url: str) -> yarl.URL:
+        """Parsed once per URL; bounded, since Gemini's path carries the model name."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = yarl.URL(url)
+            if len(self._urls) < _MAX_CACHED_URLS:
+                self._urls[url] = parsed
+        return parsed
+
+    async def post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """Raises TimeoutError (no answer in time) or aiohttp.ClientError (no connection, or it broke)."""
+        session = self._session or self._open()
+        async with session.post(self._url(url), data=body, allow_redirects=False) as response:
+            return response.status, response.headers, await response.read()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class HttpxSender:
+    """Any httpx transport: httpx.MockTransport in tests, httpx's own pool in the benchmark. Raises
+    httpx.TransportError (httpx.TimeoutException for no answer in time)."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        headers: Mapping[str, str],
+        timeout: Mapping[str, float | None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.headers = httpx.Headers({**headers, "content-type": "application/json"})
+        self.timeout = dict(timeout or {})
+
+    async def post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        request = httpx.Request(
+            "POST", url, content=body, headers=self.headers, extensions={"timeout": self.timeout}
+        )
+        response = await self.transport.handle_async_request(request)
         try:
-            response = await self.transport.handle_async_request(request)
-            try:
-                body = await response.aread()
-            finally:
-                await response.aclose()
-        except httpx.TransportError as exc:
-            raise classify_transport_error(provider, exc) from exc
-        if response.status_code >= 300:
-            raise classify_error(provider, response.status_code, body, response.headers)
-        return body
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return response.status_code, response.headers, content
 
     async def aclose(self) -> None:
         await self.transport.aclose()
 
 
+class Sender(Protocol):
+    """The seam under HttpEndpoint: one POST of a JSON body, answered with (status, headers, body)."""
+
+    async def post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class HttpEndpoint:
+    """One provider's base URL over a Sender that holds its pooled connections, fixed headers (auth) and
+    timeouts. In production the sender is aiohttp, called directly: httpx.AsyncClient (on any transport,
+    httpx-aiohttp's included) costs more CPU per call than the whole aiohttp request, and a provider call
+    needs none of its cookie, redirect, auth or URL-merging machinery (bench/bench_http.py measures it)."""
+
+    sender: Sender
+    base_url: str
+
+    async def post_json(self, provider: str, path: str, payload: dict[str, Any]) -> bytes:
+        """POST `payload` once; the 2xx body, or a classified ProviderError."""
+        content = pydantic_core.to_json(payload)  # a third of json.dumps' CPU
+        del payload  # not held while the call is in flight: fewer live objects for the collector to walk
+        try:
+            status, headers, body = await self.sender.post(self.base_url + path, content)
+        except (TimeoutError, aiohttp.ClientError, httpx.TransportError) as exc:
+            raise classify_transport_error(provider, exc) from exc
+        if status >= 300:
+            raise classify_error(provider, status, body, headers)
+        return body
+
+    async def aclose(self) -> None:
+        await self.sender.aclose()
+
+
 def make_endpoint(settings: ProviderSettings, base_url: str, headers: Mapping[str, str]) -> HttpEndpoint:
-    """An endpoint on the aiohttp transport with pool size and timeouts from the settings."""
-    limits = httpx.Limits(
-        max_connections=settings.http_max_connections,
-        max_keepalive_connections=settings.http_max_connections,
-        keepalive_expiry=settings.http_keepalive_expiry_s,
+    """An endpoint on its own aiohttp session with pool size and timeouts from the settings."""
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=settings.http_read_timeout_s,  # waiting for a free pooled connection, plus connecting
+        sock_connect=settings.http_connect_timeout_s,
+        sock_read=settings.http_read_timeout_s,
     )
-    timeout: dict[str, float | None] = {
-        "connect": settings.http_connect_timeout_s,
-        "read": settings.http_read_timeout_s,
-        "write": settings.http_read_timeout_s,
-        "pool": settings.http_read_timeout_s,
-    }
-    return HttpEndpoint(
-        AiohttpBodyTransport(limits=limits),
-        base_url.rstrip("/"),
-        httpx.Headers({**headers, "content-type": "application/json"}),
+    sender = AiohttpSender(
+        {**headers, "content-type": "application/json"},
         timeout,
+        settings.http_max_connections,
+        settings.http_keepalive_expiry_s,
     )
+    return HttpEndpoint(sender, base_url.rstrip("/"))
 
 
-def classify_transport_error(provider: str, exc: httpx.TransportError) -> ProviderError:
-    """No answer: a timeout or a connection that failed. When the error came from aiohttp its cause
-    decides (the stock httpx-aiohttp map calls a refused connection a ConnectTimeout)."""
-    cause = exc.__cause__
-    if cause is not None and not isinstance(cause, TimeoutError):
-        timed_out = False
-    else:
-        timed_out = isinstance(exc, httpx.TimeoutException)
-    if timed_out:
+def classify_transport_error(provider: str, exc: Exception) -> ProviderError:
+    """No answer: a timeout, or a connection that could not be made or broke (refused, reset, hung up)."""
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return ProviderError(
             ErrorCode.TIMEOUT, f"{provider} did not answer in time", provider=provider, retryable=True
         )
     return ProviderError(
         ErrorCode.CONNECTION_ERROR,
-        f"{provider} could not be reached: {type(cause or exc).__name__}",
+        f"{provider} could not be reached: {type(exc).__name__}",
         provider=provider,
         retryable=True,
     )

@@ -4,10 +4,10 @@ json_object where a model can't do schemas."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel
 
 from contracts import ErrorCode, TokenUsage
@@ -179,7 +179,7 @@ class OpenAIProvider:
                 ErrorCode.PARSING_ERROR, self.name, "output truncated at max tokens", "length", usage
             )
         try:
-            obj = json.loads(choice.message.content or "")
+            obj = pydantic_core.from_json(choice.message.content or "")
         except ValueError as exc:
             raise billed_failure(
                 ErrorCode.PARSING_ERROR, self.name, "answer is not JSON", None, usage
