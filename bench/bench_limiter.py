@@ -2,13 +2,16 @@
 
 Open loop: request i is started at t0 + i / rate; each measures acquire (one Lua call against the real
 Redis taking a requests/minute and a tokens/minute window of the provider, and in the second variant of
-its model too) plus settle (the token correction, queued and sent off the request's path). Limits are set
-far above the offered load, so what is measured is the limiter's own cost, not waiting for capacity. For
+its model too) plus settle (the token correction, queued; the next acquire's call carries it). Limits are
+set far above the offered load, so what is measured is the limiter's own cost, not waiting for capacity.
+The window is --window-s (5 s) rather than a minute so that within a run the windows fill and every call
+also expires old entries, as in steady state; the keys are fresh per run. For
 reference: the same schedule with no limit configured (event-loop scheduling only). `cpu us/req` is this
 process's CPU time per request (the client's cost; Redis' own time is not in it), which other processes
 on the machine do not inflate the way they inflate wall-clock percentiles.
 
-Usage: python bench/bench_limiter.py [--rate 1000] [--seconds 10] [--runs 3] [--redis-url URL]
+Usage: python bench/bench_limiter.py [--rate 1000] [--seconds 10] [--runs 3] [--window-s 5] [--redis-url URL]
+       [--uvloop]  (on uvloop, as `llm-worker run` is; asyncio's default loop otherwise)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import statistics
 import time
 import uuid
 
+import uvloop
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from worker.limits import Limit, Limiter
@@ -31,9 +35,9 @@ def limits_for(windows: int) -> dict[str, Limit]:
     return {2: {"p": both}, 4: {"p": both, "p:m": both}}.get(windows, {})
 
 
-async def one_run(redis: Redis, rate: float, seconds: float, windows: int) -> list[float]:
+async def one_run(redis: Redis, rate: float, seconds: float, windows: int, window_s: float) -> list[float]:
     limits = limits_for(windows)
-    limiter = Limiter(redis, limits, f"bench{uuid.uuid4().hex[:8]}")
+    limiter = Limiter(redis, limits, f"bench{uuid.uuid4().hex[:8]}", window_s=window_s)
     added: list[float] = []
 
     async def request() -> None:
@@ -52,6 +56,7 @@ async def one_run(redis: Redis, rate: float, seconds: float, windows: int) -> li
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(request()))
     await asyncio.gather(*tasks)
+    await limiter.flush()  # corrections still queued: sent, and their CPU counted
     return added
 
 
@@ -60,17 +65,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rate", type=float, default=1000.0)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    args = parser.parse_args()
+async def main(args: argparse.Namespace) -> None:
     # As the worker builds it (worker/app.py): a blocking pool, so bursts wait for a connection.
     redis = Redis.from_pool(BlockingConnectionPool.from_url(args.redis_url, max_connections=64, timeout=1.0))
     await redis.ping()
-    await one_run(redis, args.rate, 1.0, 4)  # warm up connections and the script cache
+    await one_run(redis, args.rate, 1.0, 4, args.window_s)  # warm up connections and the script cache
+    loop = "uvloop" if args.uvloop else "asyncio"
+    print(
+        f"{args.rate:.0f} requests/s, {args.seconds:.0f} s per run, {args.window_s:g} s windows, {loop} loop"
+    )
     print(
         f"{'variant':<30}{'run':>4}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'cpu us/req':>12}"
     )
@@ -83,7 +86,7 @@ async def main() -> None:
     for run in range(1, args.runs + 1):
         for name, windows in variants:
             cpu0 = time.process_time()
-            added = await one_run(redis, args.rate, args.seconds, windows)
+            added = await one_run(redis, args.rate, args.seconds, windows, args.window_s)
             cpu_us = (time.process_time() - cpu0) / len(added) * 1e6
             p50, p99 = pct(added, 0.50) * 1000, pct(added, 0.99) * 1000
             p99s[name].append(p99)
@@ -95,4 +98,12 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--window-s", type=float, default=5.0)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    cli = parser.parse_args()
+    (uvloop.run if cli.uvloop else asyncio.run)(main(cli))

@@ -1,10 +1,11 @@
 """Rate limits per provider (and per provider:model): requests/minute, tokens/minute, max concurrency.
 
 Limits belong to the API key, not the replica, so the windows live in Redis and are taken by one Lua
-script: a sliding-window log per limit (a sorted set of `id:cost` members scored by Redis' own clock in
-ms, plus a running sum). A call is admitted only if every limit it falls under has room, and then it is
-added to all of them in the same script, so N replicas together never admit more than the limit within
-any window. Tokens are taken as an estimate before the call and corrected with the real usage after.
+script: a sliding-window log per limit, scored by Redis' own clock in ms (requests: a sorted set of call
+ids, counted; tokens: a sorted set of `id:tokens` members plus a running sum). A call is admitted only if
+every limit it falls under has room, and then it is added to all of them in the same script, so N
+replicas together never admit more than the limit within any window. Tokens are taken as an estimate
+before the call and corrected with the real usage after.
 
 With Redis unreachable the limiter falls back, for `redis_retry_s`, to the same window kept in process at
 limit / expected_replicas, and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO.
@@ -12,8 +13,9 @@ limit / expected_replicas, and sets LIMITER_DEGRADED. The concurrency cap is per
 A call that finds no room waits for it, bounded by its deadline (or `max_wait_s`), instead of failing;
 waiters of one limit in one process queue FIFO and only the head polls Redis.
 
-Hot path: one Lua call per request, sent through RedisBatch so concurrent requests share a round trip;
-the token correction goes off the request's path the same way.
+Hot path: one Lua call per request, sent through RedisBatch so concurrent requests share a round trip.
+Token corrections are queued and ride along with the next acquire's call (a timer sends them on their
+own when no acquire comes), so a request costs one round trip, not two.
 """
 
 from __future__ import annotations
@@ -45,68 +47,89 @@ log = logging.getLogger(__name__)
 #: Output tokens assumed when the request sets no max_tokens.
 DEFAULT_OUTPUT_ESTIMATE = 1024
 
-# KEYS: one sorted set per window (its running sum is KEYS[i]..':sum'). ARGV[1]: the member id;
-# ARGV[2]: "limit:window_ms:cost" per window, comma-separated (few arguments: packing them is the
-# client's main cost). Returns {1, now_ms} when taken, {0, wait_ms} when not, {-1, i} when never.
+# One script for both steps, so a request's acquire also carries the token corrections queued since the
+# previous one (no round trip of their own). KEYS: the call's windows, request windows first (a sorted
+# set of member ids, counted), then token windows (a sorted set of `id:tokens` members plus the running
+# sum at KEYS[i]..':sum'), then the token windows of each queued correction. ARGV: 1 window_ms, 2 the
+# number of request windows, 3 W (windows of this call, 0 = corrections only), 4..3+W their limits,
+# 4+W the call's tokens, 5+W its member id, then per correction: its key count, the score its member was
+# admitted at, old member, new member, token delta. Returns now_ms (> 0) when taken, -wait_ms when not,
+# 0 when never (and for corrections only).
 _ACQUIRE = """
+local window, nreq, nwin = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local a, k = 6 + nwin, nwin + 1
+while a <= #ARGV do
+  local score, old, new, delta = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local last = k + tonumber(ARGV[a]) - 1
+  for i = k, last do
+    if redis.call('ZREM', KEYS[i], old) == 1 then
+      redis.call('ZADD', KEYS[i], score, new)
+      redis.call('INCRBY', KEYS[i] .. ':sum', delta)
+    end
+  end
+  a, k = a + 5, last + 1
+end
+if nwin == 0 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = ARGV[1]
-local specs = {}
-for limit, window, cost in string.gmatch(ARGV[2], '(%d+):(%d+):(%d+)') do
-  specs[#specs + 1] = {tonumber(limit), tonumber(window), tonumber(cost)}
-end
-for i, spec in ipairs(specs) do
-  local zkey, skey = KEYS[i], KEYS[i] .. ':sum'
-  local limit, window, cost = spec[1], spec[2], spec[3]
-  if cost > limit then return {-1, i} end
-  local old = redis.call('ZRANGEBYSCORE', zkey, '-inf', now - window)
-  if #old > 0 then
-    local freed = 0
-    for _, m in ipairs(old) do freed = freed + tonumber(string.match(m, ':(%-?%d+)$')) end
-    redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now - window)
-    redis.call('DECRBY', skey, freed)
-  end
-  local used = tonumber(redis.call('GET', skey) or '0')
-  if used + cost > limit then
-    local need, start = used + cost - limit, 0
-    while true do
-      local page = redis.call('ZRANGE', zkey, start, start + 99, 'WITHSCORES')
-      if #page == 0 then return {0, 1} end
+local edge, tokens, id = now - window, tonumber(ARGV[4 + nwin]), ARGV[5 + nwin]
+for i = 1, nwin do
+  local key, limit = KEYS[i], tonumber(ARGV[3 + i])
+  if i <= nreq then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', edge)
+    local over = redis.call('ZCARD', key) + 1 - limit
+    if over > 0 then
+      local nth = redis.call('ZRANGE', key, over - 1, over - 1, 'WITHSCORES')
+      return -math.max(1, tonumber(nth[2]) + window - now + 1)
+    end
+  else
+    if tokens > limit then return 0 end
+    local skey = key .. ':sum'
+    local old = redis.call('ZRANGEBYSCORE', key, '-inf', edge)
+    if #old > 0 then
+      local freed = 0
+      for _, m in ipairs(old) do freed = freed + tonumber(string.match(m, ':(%-?%d+)$')) end
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', edge)
+      redis.call('DECRBY', skey, freed)
+    end
+    local need, start = tonumber(redis.call('GET', skey) or '0') + tokens - limit, 0
+    while need > 0 do
+      local page = redis.call('ZRANGE', key, start, start + 99, 'WITHSCORES')
+      if #page == 0 then return -1 end
       for j = 1, #page, 2 do
         need = need - tonumber(string.match(page[j], ':(%-?%d+)$'))
-        if need <= 0 then return {0, math.max(1, tonumber(page[j + 1]) + window - now + 1)} end
+        if need <= 0 then return -math.max(1, tonumber(page[j + 1]) + window - now + 1) end
       end
       start = start + 100
     end
   end
 end
-for i, spec in ipairs(specs) do
-  local zkey, skey = KEYS[i], KEYS[i] .. ':sum'
-  redis.call('ZADD', zkey, now, id .. ':' .. spec[3])
-  redis.call('INCRBY', skey, spec[3])
-  redis.call('PEXPIRE', zkey, spec[2] + 1000)
-  redis.call('PEXPIRE', skey, spec[2] + 1000)
-end
-return {1, now}
-"""
-
-# KEYS: the token windows of one grant. ARGV: old member, new member, token delta.
-_CORRECT = """
-for i = 1, #KEYS do
-  local s = redis.call('ZSCORE', KEYS[i], ARGV[1])
-  if s then
-    redis.call('ZREM', KEYS[i], ARGV[1])
-    redis.call('ZADD', KEYS[i], s, ARGV[2])
-    redis.call('INCRBY', KEYS[i] .. ':sum', tonumber(ARGV[3]))
+-- a window's keys outlive its newest member by a window: their TTL is renewed (by a window more, both
+-- keys together so they expire together) only when it ran below that, as PTTL costs Redis less than PEXPIRE
+local ttl = window + 1000
+for i = 1, nwin do
+  local key = KEYS[i]
+  local renew = redis.call('PTTL', key) < ttl
+  if i <= nreq then
+    redis.call('ZADD', key, now, id)
+  else
+    redis.call('ZADD', key, now, id .. ':' .. tokens)
+    redis.call('INCRBY', key .. ':sum', tokens)
+    if renew then redis.call('PEXPIRE', key .. ':sum', ttl + window) end
   end
+  if renew then redis.call('PEXPIRE', key, ttl + window) end
 end
-return 1
+return now
 """
 
+_SHA = hashlib.sha1(_ACQUIRE.encode()).hexdigest()
 
-_SCRIPTS = (_ACQUIRE, _CORRECT)
-_SHAS = tuple(hashlib.sha1(body.encode()).hexdigest() for body in _SCRIPTS)
+#: Corrections one acquire carries at most (more would lengthen that request's script).
+PIGGYBACK_MAX = 8
+#: How long a queued correction waits for an acquire to carry it before it is sent on its own.
+CORRECTION_MAX_DELAY_S = 0.05
+#: Corrections per script call when they are sent on their own.
+CORRECTION_BATCH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +159,26 @@ class _Window:
 
 
 @dataclass(slots=True)
+class _Target:
+    """What calls to one provider/model fall under, prepared once: the concurrency slots, the windows
+    (request windows first, as the script wants them) and the fixed part of their script call."""
+
+    slots: list[FifoSlots]
+    windows: list[_Window]
+    queue: asyncio.Lock  # FIFO waiters of the first window; only the head polls Redis
+    keys: tuple[str, ...]
+    token_keys: tuple[str, ...]
+    args: tuple[int, ...]  # window_ms, request windows, windows, their limits
+    head: tuple[Any, ...]  # EVALSHA, sha, key count, keys, args: the call without corrections
+    waited: Any  # the provider's LIMIT_WAIT histogram
+
+
+#: A token correction waiting to be sent: queued at (loop time), token keys, admitted_ms, old member,
+#: new member, delta.
+_Correction = tuple[float, tuple[str, ...], int, str, str, int]
+
+
+@dataclass(slots=True)
 class Grant:
     """Capacity taken for one call; hand it back to Limiter.settle when the call ends."""
 
@@ -144,7 +187,8 @@ class Grant:
     member_id: str = ""
     #: Redis server time (ms) the shared limiter admitted the call at; 0 when admitted locally.
     admitted_ms: int = 0
-    shared: list[_Window] = field(default_factory=list)
+    #: The shared token windows the call was admitted to (its correction goes there).
+    token_keys: tuple[str, ...] = ()
     local: list[tuple[_LocalWindow, list[float]]] = field(default_factory=list)
     slots: list[FifoSlots] = field(default_factory=list)
 
@@ -156,9 +200,15 @@ class FifoSlots:
         self.free = size
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody queues for it."""
         if self.free > 0 and not self._waiters:
             self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -237,95 +287,135 @@ class Limiter:
         self.clock = clock
         self.sleep = sleep
         self._batch = RedisBatch(redis) if redis is not None else None
+        self._pending: list[_Correction] = []
+        self._pending_timer: asyncio.TimerHandle | None = None
         self._corrections: set[asyncio.Task[None]] = set()
         self._redis_down_until = -math.inf
         self._queues: dict[str, asyncio.Lock] = {}
         self._slots: dict[str, FifoSlots] = {}
         self._local: dict[str, _LocalWindow] = {}
-        self._targets: dict[tuple[str, str], tuple[list[tuple[str, Limit]], list[_Window]]] = {}
+        self._targets: dict[tuple[str, str], _Target | None] = {}
         self._instance = uuid.uuid4().hex[:12]
         self._serial = itertools.count()
 
-    def _target(self, provider: str, model: str) -> tuple[list[tuple[str, Limit]], list[_Window]]:
-        """The limits a call to provider/model falls under, and their windows (computed once)."""
-        found = self._targets.get((provider, model))
-        if found is None:
-            scopes = [
-                (s, lim) for s in (provider, f"{provider}:{model}") if (lim := self.limits.get(s)) is not None
-            ]
-            windows = [
-                _Window(f"{self.key_prefix}:rl:{scope}:{kind}", limit, kind == "tpm")
+    def _target(self, provider: str, model: str) -> _Target | None:
+        """The limits a call to provider/model falls under (None: none), computed once."""
+        scopes = [
+            (s, lim) for s in (provider, f"{provider}:{model}") if (lim := self.limits.get(s)) is not None
+        ]
+        if not scopes:
+            self._targets[(provider, model)] = None
+            return None
+        in_scope_order = [
+            _Window(f"{self.key_prefix}:rl:{scope}:{kind}", limit, kind == "tpm")
+            for scope, lim in scopes
+            for kind, limit in (("rpm", lim.requests_per_minute), ("tpm", lim.tokens_per_minute))
+            if limit
+        ]
+        windows = sorted(in_scope_order, key=lambda w: w.is_tokens)  # request windows first, stable
+        keys = tuple(w.key for w in windows)
+        args = (
+            self.window_ms,
+            sum(not w.is_tokens for w in windows),
+            len(windows),
+            *(w.limit for w in windows),
+        )
+        target = self._targets[(provider, model)] = _Target(
+            slots=[
+                self._slots.setdefault(scope, FifoSlots(lim.max_concurrency))
                 for scope, lim in scopes
-                for kind, limit in (("rpm", lim.requests_per_minute), ("tpm", lim.tokens_per_minute))
-                if limit
-            ]
-            found = self._targets[(provider, model)] = (scopes, windows)
-        return found
+                if lim.max_concurrency
+            ],
+            windows=windows,
+            # waiters queue per the first window in scope order, so a provider's limit is one queue
+            queue=self._queues.setdefault(in_scope_order[0].key, asyncio.Lock())
+            if windows
+            else asyncio.Lock(),
+            keys=keys,
+            token_keys=tuple(w.key for w in windows if w.is_tokens),
+            args=args,
+            head=(b"EVALSHA", _SHA, len(keys), *keys, *args),
+            waited=metrics.LIMIT_WAIT.labels(provider),
+        )
+        return target
 
     async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None = None) -> Grant:
         """Take capacity for one call, waiting (bounded by the deadline) for it. Raises ProviderError
         RATE_LIMIT with `limiter: local` when there is none in time; it carries no retry advice."""
         grant = Grant(provider, tokens)
-        scopes, windows = self._target(provider, model)
-        if not scopes:
+        try:
+            target = self._targets[(provider, model)]
+        except KeyError:
+            target = self._target(provider, model)
+        if target is None:
             return grant
         t0 = self.clock()
         until = min(deadline_s if deadline_s is not None else math.inf, t0 + self.max_wait_s)
         try:
-            for scope, lim in scopes:
-                if lim.max_concurrency:
-                    slots = self._slots.setdefault(scope, FifoSlots(lim.max_concurrency))
+            for slots in target.slots:
+                if not slots.try_acquire():
                     async with asyncio.timeout(max(0.0, until - self.clock())):
                         await slots.acquire()
-                    grant.slots.append(slots)
-            if windows:
-                await self._take_windows(grant, windows, provider, until)
+                grant.slots.append(slots)
+            # fast path: nobody of this limit is waiting and there is room
+            if target.windows and (target.queue.locked() or await self._try(grant, target) != 0.0):
+                await self._wait_for_windows(grant, target, until)
         except TimeoutError:
             self.release_slots(grant)
             raise self._refused(provider, "no concurrency slot before the deadline") from None
         except BaseException:
             self.release_slots(grant)
             raise
-        metrics.LIMIT_WAIT.labels(provider).observe(self.clock() - t0)
+        target.waited.observe(self.clock() - t0)
         return grant
 
-    async def _take_windows(self, grant: Grant, windows: list[_Window], provider: str, until: float) -> None:
-        queue = self._queues.setdefault(windows[0].key, asyncio.Lock())
-        if not queue.locked() and await self._try(grant, windows) == 0.0:
-            return  # fast path: nobody is waiting and there is room
-        async with queue:  # FIFO: waiters of this limit queue here and only the head polls
-            while (wait_s := await self._try(grant, windows)) > 0.0:
+    async def _wait_for_windows(self, grant: Grant, target: _Target, until: float) -> None:
+        async with target.queue:  # FIFO: waiters of this limit queue here and only the head polls
+            while (wait_s := await self._try(grant, target)) > 0.0:
                 if wait_s == math.inf:
-                    raise self._refused(provider, "the call needs more than a whole window's limit")
+                    raise self._refused(grant.provider, "the call needs more than a whole window's limit")
                 if self.clock() + wait_s > until:
                     raise self._refused(
-                        provider, f"no rate-limit capacity within the deadline ({wait_s:.1f}s)"
+                        grant.provider, f"no rate-limit capacity within the deadline ({wait_s:.1f}s)"
                     )
                 await self.sleep(wait_s)
 
-    async def _try(self, grant: Grant, windows: list[_Window]) -> float:
-        """0.0 when taken; else seconds to wait."""
-        if self.redis is not None and self.clock() >= self._redis_down_until:
-            member_id = f"{self._instance}{next(self._serial)}"
-            keys = [w.key for w in windows]
-            spec = ",".join(
-                f"{w.limit}:{self.window_ms}:{grant.tokens if w.is_tokens else 1}" for w in windows
-            )
-            args = [member_id, spec]
-            try:
-                async with asyncio.timeout(self.redis_call_timeout_s):  # no reconnect stall in our path
-                    ok, value = await self._eval(0, keys, args)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._redis_failed(exc)
-            else:
-                self._redis_ok()
-                if ok == -1:
-                    return math.inf
-                if ok == 1:
-                    grant.member_id, grant.shared, grant.admitted_ms = member_id, windows, int(value)
-                    return 0.0
-                return float(value) / 1000
-        return self._try_local(grant, windows)
+    async def _try(self, grant: Grant, target: _Target) -> float:
+        """0.0 when taken; else seconds to wait. The call also carries queued token corrections."""
+        if self._batch is None or self.clock() < self._redis_down_until:
+            return self._try_local(grant, target.windows)
+        member_id = f"{self._instance}{next(self._serial)}"
+        if self._pending:
+            corrections = self._pending[:PIGGYBACK_MAX]
+            del self._pending[:PIGGYBACK_MAX]
+            command = self._command(corrections, target, (grant.tokens, member_id))
+        else:
+            command = (*target.head, grant.tokens, member_id)
+        try:
+            async with asyncio.timeout(self.redis_call_timeout_s):  # no reconnect stall in our path
+                taken_ms = await self._eval(command)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)  # corrections it carried are lost: their estimates age out
+            return self._try_local(grant, target.windows)
+        self._redis_ok()
+        if taken_ms > 0:
+            grant.member_id, grant.token_keys, grant.admitted_ms = member_id, target.token_keys, taken_ms
+            return 0.0
+        return -taken_ms / 1000 if taken_ms else math.inf
+
+    def _command(
+        self, corrections: list[_Correction], target: _Target | None = None, call: tuple[int, str] = (0, "")
+    ) -> tuple[Any, ...]:
+        """The script call for a target's acquire (or none) carrying `corrections`."""
+        keys: list[str] = []
+        args: list[Any] = []
+        for _, token_keys, admitted_ms, old, new, delta in corrections:
+            keys += token_keys
+            args += (len(token_keys), admitted_ms, old, new, delta)
+        if target is None:
+            return (b"EVALSHA", _SHA, len(keys), *keys, self.window_ms, 0, 0, *call, *args)
+        n = len(target.keys) + len(keys)
+        return (b"EVALSHA", _SHA, n, *target.keys, *keys, *target.args, *call, *args)
 
     def _try_local(self, grant: Grant, windows: list[_Window]) -> float:
         now = self.clock()
@@ -346,7 +436,8 @@ class Limiter:
 
     async def settle(self, grant: Grant, used_tokens: int | None) -> None:
         """The call ended: free its concurrency slots and correct the token estimate with the real usage
-        (None = the provider billed nothing, so the estimate is given back)."""
+        (None = the provider billed nothing, so the estimate is given back). The shared correction is
+        queued: the next acquire carries it, or it goes on its own after CORRECTION_MAX_DELAY_S."""
         self.release_slots(grant)
         delta = (used_tokens or 0) - grant.tokens
         if delta == 0:
@@ -354,35 +445,55 @@ class Limiter:
         for lw, entry in grant.local:
             entry[1] += delta
             lw.used += delta
-        keys = [w.key for w in grant.shared if w.is_tokens]
-        if not keys or self.redis is None:
+        if not grant.token_keys:
             return
+        loop = asyncio.get_running_loop()
         old, new = f"{grant.member_id}:{grant.tokens}", f"{grant.member_id}:{grant.tokens + delta}"
-        task = asyncio.create_task(self._correct(keys, [old, new, delta]))
-        self._corrections.add(task)  # off the request's path; coalesced with other calls by RedisBatch
+        self._pending.append((loop.time(), grant.token_keys, grant.admitted_ms, old, new, delta))
+        if self._pending_timer is None:
+            self._pending_timer = loop.call_later(CORRECTION_MAX_DELAY_S, self._corrections_due)
+
+    def _corrections_due(self) -> None:
+        """Timer: send the queued corrections once the oldest has waited CORRECTION_MAX_DELAY_S."""
+        self._pending_timer = None
+        if not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        wait_s = self._pending[0][0] + CORRECTION_MAX_DELAY_S - loop.time()
+        if wait_s > 0:  # acquires carried the older ones
+            self._pending_timer = loop.call_later(wait_s, self._corrections_due)
+            return
+        task = loop.create_task(self._send_corrections())
+        self._corrections.add(task)
         task.add_done_callback(self._corrections.discard)
 
+    async def _send_corrections(self) -> None:
+        while self._pending:
+            corrections = self._pending[:CORRECTION_BATCH]
+            del self._pending[:CORRECTION_BATCH]
+            try:
+                await self._eval(self._command(corrections))
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+
     async def flush(self) -> None:
-        """Wait until the queued token corrections reached Redis."""
+        """Send the queued token corrections now and wait until they reached Redis."""
+        if self._pending_timer is not None:
+            self._pending_timer.cancel()
+            self._pending_timer = None
+        await self._send_corrections()
         while self._corrections:
             await asyncio.gather(*self._corrections, return_exceptions=True)
 
-    async def _correct(self, keys: list[str], args: list[Any]) -> None:
-        try:
-            await self._eval(1, keys, args)
-        except (RedisError, OSError) as exc:
-            self._redis_failed(exc)
-
-    async def _eval(self, script: int, keys: list[str], args: list[Any]) -> Any:
-        """Run our Lua script 0 (acquire) or 1 (correct). Calls of concurrent requests share one round
-        trip (RedisBatch); a Redis that lost its scripts (restart) gets them loaded again."""
+    async def _eval(self, command: tuple[Any, ...]) -> Any:
+        """Run the script. Calls of concurrent requests share one round trip (RedisBatch); a Redis that
+        lost its scripts (restart) gets it loaded again."""
         assert self.redis is not None and self._batch is not None
         try:
-            return await self._batch.execute(b"EVALSHA", _SHAS[script], len(keys), *keys, *args)
+            return await self._batch.execute(*command)
         except NoScriptError:
-            for body in _SCRIPTS:
-                await self.redis.script_load(body)
-            return await self._batch.execute(b"EVALSHA", _SHAS[script], len(keys), *keys, *args)
+            await self.redis.script_load(_ACQUIRE)
+            return await self._batch.execute(*command)
 
     def release_slots(self, grant: Grant) -> None:
         for slots in grant.slots:

@@ -148,3 +148,57 @@ async def test_limiter_degrades_while_redis_is_down_and_recovers(
 async def _until_up_after_restart(redis: Redis, port: int, started: list[subprocess.Popen[bytes]]) -> None:
     _start_redis(port, started)
     await _until_up(redis)
+
+
+async def _token_sum(redis: Redis, prefix: str) -> int:
+    return int(await redis.get(f"{prefix}:rl:p:tpm:sum") or 0)
+
+
+async def test_token_correction_rides_on_the_next_acquire(prefix: str) -> None:
+    redis = Redis.from_url(REDIS_URL)
+    limiter = Limiter(redis, {"p": Limit(requests_per_minute=100, tokens_per_minute=10_000)}, prefix)
+    try:
+        grant = await limiter.acquire("p", "m", 600)
+        await limiter.settle(grant, 100)
+        assert await _token_sum(redis, prefix) == 600  # queued, not sent on its own
+        await limiter.acquire("p", "m", 50)
+        assert await _token_sum(redis, prefix) == 100 + 50
+        assert not limiter._corrections  # no call of its own was needed
+    finally:
+        await limiter.flush()
+        await redis.aclose()
+
+
+async def test_queued_token_correction_is_sent_on_its_own_when_no_acquire_comes(prefix: str) -> None:
+    redis = Redis.from_url(REDIS_URL)
+    limiter = Limiter(redis, {"p": Limit(tokens_per_minute=10_000)}, prefix)
+    try:
+        await limiter.settle(await limiter.acquire("p", "m", 600), 100)
+        await limiter.settle(await limiter.acquire("p", "m", 600), 900)
+        assert limiter._pending_timer is not None  # no acquire comes to carry them
+        for _ in range(200):
+            if await _token_sum(redis, prefix) == 100 + 900:
+                break
+            await asyncio.sleep(0.01)
+        assert await _token_sum(redis, prefix) == 100 + 900
+    finally:
+        await redis.aclose()
+
+
+async def test_request_window_reports_the_wait_until_its_oldest_call_leaves(prefix: str) -> None:
+    redis = Redis.from_url(REDIS_URL)
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        await asyncio.sleep(s)
+
+    limiter = Limiter(redis, {"p": Limit(requests_per_minute=2)}, prefix, window_s=0.3, sleep=sleep)
+    try:
+        first = await limiter.acquire("p", "m", 1)
+        await limiter.acquire("p", "m", 1)
+        third = await limiter.acquire("p", "m", 1)
+        assert len(slept) == 1 and 0.0 < slept[0] <= 0.301
+        assert third.admitted_ms >= first.admitted_ms + 300
+    finally:
+        await redis.aclose()
