@@ -59,6 +59,7 @@ class Runtime:
         self._producer: AIOKafkaProducer | None = None
         self._probes: web.AppRunner | None = None
         self.emitter: Emitter | None = None
+        self.outcomes: OutcomeStore | None = None
         self.redis_guard: RedisGuard | None = None
         self.cache: AnswerCache | None = None
 
@@ -125,9 +126,10 @@ class Runtime:
         prefix = s.redis.redis_key_prefix
         self.redis_guard = RedisGuard(s.cache.cache_redis_retry_s)
         self.cache = AnswerCache(self._redis, s.cache, prefix, self.redis_guard)
+        self.outcomes = OutcomeStore(self._redis, s.redis.redis_key_prefix, s.redis.idempotency_ttl_s)
         handler = Handler(
             orchestrator=orchestrator,
-            outcomes=OutcomeStore(self._redis, s.redis.redis_key_prefix, s.redis.idempotency_ttl_s),
+            outcomes=self.outcomes,
             emitter=self.emitter,
             topics=s.kafka.topics,
             service_name=s.service.service_name,
@@ -165,6 +167,8 @@ class Runtime:
             await self._producer.stop()  # flushes anything still buffered
         if self.orchestrator is not None:
             await self.orchestrator.aclose()  # flushes queued limiter corrections, closes the providers
+        if self.outcomes is not None:
+            await self.outcomes.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         if self._probes is not None:

@@ -75,7 +75,7 @@ class Handler:
         messages = await self.process(job)
         await self.outcomes.put(job.request_id, messages)
         await self.emitter.publish(messages)
-        await self.outcomes.mark_emitted(job.request_id)
+        self.outcomes.mark_emitted_soon(job.request_id)
 
     async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
         """After the poison attempts are spent: DLQ record and, when readable, an INTERNAL_ERROR result."""

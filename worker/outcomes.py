@@ -78,6 +78,7 @@ class OutcomeStore:
         self._gets: list[tuple[str, asyncio.Future[Any]]] = []
         self._sets: list[tuple[str, bytes, asyncio.Future[Any]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._marking: set[asyncio.Future[Any]] = set()
 
     async def get(self, request_id: str) -> StoredOutcome | None:
         loop = self._running_loop()
@@ -101,16 +102,37 @@ class OutcomeStore:
     async def mark_emitted(self, request_id: str) -> None:
         await self._set("mark_emitted", self.emitted_prefix + request_id, b"1")
 
+    def mark_emitted_soon(self, request_id: str) -> None:
+        """mark_emitted without waiting: the offset need not wait for it. Until it lands a redelivery
+        re-sends every event with its original event id (as after a crash between publish and mark), and
+        once the offset is committed there is no redelivery. aclose() waits for the ones still going."""
+        future = self._enqueue_set(self.emitted_prefix + request_id, b"1")
+        self._marking.add(future)
+        future.add_done_callback(self._marked)
+
+    def _marked(self, future: asyncio.Future[Any]) -> None:
+        self._marking.discard(future)
+        if not future.cancelled() and isinstance(exc := future.exception(), RedisError | OSError):
+            self._degraded("mark_emitted", exc)
+
+    async def aclose(self) -> None:
+        """Wait for the emitted markers still on their way."""
+        if self._marking:
+            await asyncio.wait(self._marking)
+
     async def _set(self, op: str, key: str, value: bytes) -> None:
+        try:
+            await self._enqueue_set(key, value)
+        except (RedisError, OSError) as exc:
+            self._degraded(op, exc)
+
+    def _enqueue_set(self, key: str, value: bytes) -> asyncio.Future[Any]:
         loop = self._running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._sets:
             loop.call_soon(self._flush_sets)
         self._sets.append((key, value, future))
-        try:
-            await future
-        except (RedisError, OSError) as exc:
-            self._degraded(op, exc)
+        return future
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
