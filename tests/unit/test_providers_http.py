@@ -263,3 +263,28 @@ async def test_an_httpx_connection_failure_is_connection_error() -> None:
     with pytest.raises(ProviderError) as caught:
         await endpoint.post_json("openai", "/chat/completions", {})
     assert caught.value.code is ErrorCode.CONNECTION_ERROR
+
+
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        (
+            "openai",
+            b'{"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}],'
+            b' "usage": {"prompt_tokens": -5, "completion_tokens": 3}}',
+        ),
+        (
+            "anthropic",
+            b'{"content": [], "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": -1}}',
+        ),
+        ("gemini", b'{"candidates": [], "usageMetadata": {"promptTokenCount": -3}}'),
+    ],
+)
+def test_negative_token_counts_are_a_parsing_error_not_a_crash(model: str, body: bytes) -> None:
+    from worker.providers import anthropic, gemini, openai
+    from worker.providers.http import parse_response
+
+    shape = {"openai": openai._Completion, "anthropic": anthropic._Message, "gemini": gemini._Response}[model]
+    with pytest.raises(ProviderError) as caught:
+        parse_response(shape, body, model, "a response")
+    assert caught.value.code is ErrorCode.PARSING_ERROR

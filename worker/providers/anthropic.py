@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, NonNegativeInt
 
 from contracts import ErrorCode, PromptBlock, TokenUsage
 from worker.errors import ProviderError
@@ -52,10 +52,10 @@ class _Block(BaseModel):
 
 
 class _Usage(BaseModel):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int | None = 0
-    cache_read_input_tokens: int | None = 0
+    input_tokens: NonNegativeInt = 0
+    output_tokens: NonNegativeInt = 0
+    cache_creation_input_tokens: NonNegativeInt | None = 0
+    cache_read_input_tokens: NonNegativeInt | None = 0
 
     def normalised(self) -> TokenUsage:
         """prompt_tokens counts every input token (uncached, cache writes, cache reads)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pydantic_core
-from pydantic import BaseModel
+from pydantic import BaseModel, NonNegativeInt
 
 from contracts import ErrorCode, TokenUsage
 from worker.providers.base import Answer, ComparisonCall
@@ -47,10 +47,10 @@ class _Feedback(BaseModel):
 
 
 class _Usage(BaseModel):
-    promptTokenCount: int = 0
-    candidatesTokenCount: int = 0
-    cachedContentTokenCount: int = 0
-    thoughtsTokenCount: int = 0
+    promptTokenCount: NonNegativeInt = 0
+    candidatesTokenCount: NonNegativeInt = 0
+    cachedContentTokenCount: NonNegativeInt = 0
+    thoughtsTokenCount: NonNegativeInt = 0
 
     def normalised(self) -> TokenUsage:
         """Thought tokens are billed as output but not counted in candidatesTokenCount."""

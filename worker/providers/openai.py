@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel
+from pydantic import BaseModel, NonNegativeInt
 
 from contracts import ErrorCode, TokenUsage
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
@@ -79,17 +79,17 @@ class _Choice(BaseModel):
 
 
 class _PromptDetails(BaseModel):
-    cached_tokens: int | None = 0
+    cached_tokens: NonNegativeInt | None = 0
 
 
 class _CompletionDetails(BaseModel):
-    reasoning_tokens: int | None = 0
+    reasoning_tokens: NonNegativeInt | None = 0
 
 
 class _Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: NonNegativeInt = 0
+    completion_tokens: NonNegativeInt = 0
+    total_tokens: NonNegativeInt = 0
     prompt_tokens_details: _PromptDetails | None = None
     completion_tokens_details: _CompletionDetails | None = None
 
