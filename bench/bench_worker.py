@@ -124,7 +124,7 @@ async def throughput(kind: str, n: int, extra_env: dict[str, str]) -> float:
     try:
         seen, first, last = 0, 0.0, 0.0
         deadline = time.monotonic() + 300
-        while seen < n and time.monotonic() < deadline:
+        while seen < n and time.monotonic() < deadline and proc.poll() is None:
             batch = await reader.getmany(timeout_ms=200)
             got = sum(len(r) for r in batch.values())
             if got:
@@ -154,7 +154,8 @@ async def latency_p99(kind: str, rate: float, seconds: float) -> tuple[float, fl
         warm = _payloads(1)
         await producer.send_and_wait(topo.topics.comparison_request, warm[0][1], key=warm[0][0])
         while not await reader.getmany(timeout_ms=500):
-            pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{kind} exited with {proc.returncode} before answering")
         n = int(rate * seconds)
         payloads = _payloads(n)
         sent: dict[bytes, float] = {}

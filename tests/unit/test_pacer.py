@@ -1,0 +1,62 @@
+"""Admission pacing: a backlog enters the in-flight window as a steady flow, never below what the window
+sustains."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import consume
+from worker.consume import _Pacer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(consume.time, "monotonic", c)
+    return c
+
+
+def admit(pacer: _Pacer, room: int) -> int:
+    allowed, _ = pacer.allowance(room)
+    for _ in range(allowed):
+        pacer.admitted()
+    return allowed
+
+
+def test_a_cold_backlog_is_admitted_in_bursts_of_a_twentieth_of_the_window(clock: Clock) -> None:
+    pacer = _Pacer(1000)
+    assert admit(pacer, 1000) == 50
+    allowed, wait_s = pacer.allowance(950)
+    assert allowed == 0
+    assert 0 < wait_s <= 0.1
+    # the prior is 1 s per request: 1.25 x 1000 / 1 s = 1250 admissions per second
+    clock.now += 0.2
+    assert admit(pacer, 950) == 50  # capped at the burst, although 250 tokens accrued
+    clock.now += 0.02
+    assert admit(pacer, 900) in (24, 25)  # 20 ms x 1250/s, give or take float rounding
+
+
+def test_admission_rate_follows_the_observed_time_in_window(clock: Clock) -> None:
+    pacer = _Pacer(1000)
+    admit(pacer, 1000)
+    pacer.finished(0.01)  # fast requests: 125 000 per second allowed
+    clock.now += 0.001
+    assert admit(pacer, 1000) == 50
+    for _ in range(500):
+        pacer.finished(2.0)  # slow ones pull the average towards 2 s
+    assert pacer.latency_s > 1.9
+    clock.now += 0.02  # 1.25 x 1000 / ~2 s = ~625/s: about 12 in 20 ms
+    assert 11 <= admit(pacer, 1000) <= 13
+
+
+def test_pacing_never_admits_more_than_the_room(clock: Clock) -> None:
+    pacer = _Pacer(1000)
+    assert admit(pacer, 7) == 7
