@@ -485,6 +485,12 @@ class Limiter:
         while self._corrections:
             await asyncio.gather(*self._corrections, return_exceptions=True)
 
+    async def aclose(self) -> None:
+        """flush(), then close the connection the shared calls go through."""
+        await self.flush()
+        if self._batch is not None:
+            await self._batch.aclose()
+
     async def _eval(self, command: tuple[Any, ...]) -> Any:
         """Run the script. Calls of concurrent requests share one round trip (RedisBatch); a Redis that
         lost its scripts (restart) gets it loaded again."""

@@ -418,7 +418,7 @@ class Orchestrator:
 
     async def aclose(self) -> None:
         if self.limiter is not None:
-            await self.limiter.flush()
+            await self.limiter.aclose()
         for provider in self.providers.values():
             await provider.aclose()
 

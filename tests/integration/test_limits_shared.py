@@ -45,6 +45,7 @@ async def main(url, prefix, duration, rpm, tpm):
             print(grant.admitted_ms, actual, flush=True)
 
     await asyncio.gather(*(caller() for _ in range(4)))
+    await limiter.aclose()
     await redis.aclose()
 
 asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
@@ -141,6 +142,7 @@ async def test_limiter_degrades_while_redis_is_down_and_recovers(
         assert (await limiter.acquire("p", "m", 1)).admitted_ms > 0
         assert metrics.LIMITER_DEGRADED._value.get() == 0
     finally:
+        await limiter.aclose()
         await redis.aclose()
         metrics.LIMITER_DEGRADED.set(0)
 
@@ -165,7 +167,7 @@ async def test_token_correction_rides_on_the_next_acquire(prefix: str) -> None:
         assert await _token_sum(redis, prefix) == 100 + 50
         assert not limiter._corrections  # no call of its own was needed
     finally:
-        await limiter.flush()
+        await limiter.aclose()
         await redis.aclose()
 
 
@@ -182,6 +184,7 @@ async def test_queued_token_correction_is_sent_on_its_own_when_no_acquire_comes(
             await asyncio.sleep(0.01)
         assert await _token_sum(redis, prefix) == 100 + 900
     finally:
+        await limiter.aclose()
         await redis.aclose()
 
 
@@ -201,4 +204,5 @@ async def test_request_window_reports_the_wait_until_its_oldest_call_leaves(pref
         assert len(slept) == 1 and 0.0 < slept[0] <= 0.301
         assert third.admitted_ms >= first.admitted_ms + 300
     finally:
+        await limiter.aclose()
         await redis.aclose()

@@ -27,11 +27,17 @@ CALL = ComparisonCall(provider="p", model="p-model", system_prompt="s" * 400, us
 async def redis(infra: None) -> AsyncIterator[Redis]:
     client = Redis.from_url(REDIS_URL)
     yield client
+    while _limiters:  # each holds a connection of its own
+        await _limiters.pop().aclose()
     await client.aclose()
+
+
+_limiters: list[Limiter] = []
 
 
 def make(redis: Redis, prefix: str, limits: dict[str, Limit], *providers: Scripted) -> Orchestrator:
     limiter = Limiter(redis, limits, prefix, window_s=0.5)
+    _limiters.append(limiter)
     return Orchestrator(
         {p.name: p for p in providers},  # type: ignore[misc]
         PriceTable({}),

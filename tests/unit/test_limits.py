@@ -176,8 +176,6 @@ async def test_redis_that_does_not_answer_degrades_after_the_call_timeout() -> N
             grant = await asyncio.wait_for(limiter.acquire("p", "m", 1), 2)
             assert grant.admitted_ms == 0 and metrics.LIMITER_DEGRADED._value.get() == 1
         finally:
-            stuck = limiter._batch._sender if limiter._batch else None
-            if stuck is not None:  # still waiting for the silent server's reply
-                stuck.cancel()
+            await limiter.aclose()  # still waiting for the silent server's reply
             await redis.aclose()
             metrics.LIMITER_DEGRADED.set(0)
