@@ -287,6 +287,7 @@ class _Pacer:
     def __init__(self, window: int) -> None:
         self.window = window
         self.burst = max(1.0, window / 20)
+        self.chunk = max(1, window // 100)  # admit at least this many at a time: one getmany per chunk
         self.tokens = self.burst
         self.refilled = time.monotonic()
         self.latency_s = 1.0
@@ -307,9 +308,10 @@ class _Pacer:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.refilled) * rate)
         self.refilled = now
-        if self.tokens >= 1:
-            return min(room, int(self.tokens)), 0.0
-        return 0, min((1 - self.tokens) / rate, 0.1)
+        want = min(self.chunk, room)
+        if self.tokens + 1e-9 >= want:  # (float rounding of the refill)
+            return min(room, int(self.tokens + 1e-9)), 0.0
+        return 0, min((want - self.tokens) / rate, 0.1)
 
 
 class _Listener(ConsumerRebalanceListener):

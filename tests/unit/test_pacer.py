@@ -60,3 +60,15 @@ def test_admission_rate_follows_the_observed_time_in_window(clock: Clock) -> Non
 def test_pacing_never_admits_more_than_the_room(clock: Clock) -> None:
     pacer = _Pacer(1000)
     assert admit(pacer, 7) == 7
+
+
+def test_admissions_come_in_chunks_of_a_hundredth_of_the_window(clock: Clock) -> None:
+    pacer = _Pacer(1000)
+    admit(pacer, 1000)
+    clock.now += 0.004  # 5 tokens at 1250/s: fewer than a chunk of 10, so wait for the rest
+    allowed, wait_s = pacer.allowance(1000)
+    assert allowed == 0
+    assert wait_s == pytest.approx(5 / 1250)
+    clock.now += wait_s
+    assert admit(pacer, 1000) == 10
+    assert admit(pacer, 3) == 0  # no tokens left, whatever the room
