@@ -10,8 +10,10 @@ reference: the same schedule with no limit configured (event-loop scheduling onl
 process's CPU time per request (the client's cost; Redis' own time is not in it), which other processes
 on the machine do not inflate the way they inflate wall-clock percentiles.
 
+It runs on uvloop, as `llm-worker run` does (production); --asyncio measures asyncio's default loop.
+
 Usage: python bench/bench_limiter.py [--rate 1000] [--seconds 10] [--runs 3] [--window-s 5] [--redis-url URL]
-       [--uvloop]  (on uvloop, as `llm-worker run` is; asyncio's default loop otherwise)
+       [--asyncio]
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ async def main(args: argparse.Namespace) -> None:
     redis = Redis.from_pool(BlockingConnectionPool.from_url(args.redis_url, max_connections=64, timeout=1.0))
     await redis.ping()
     await one_run(redis, args.rate, 1.0, 4, args.window_s)  # warm up connections and the script cache
-    loop = "uvloop" if args.uvloop else "asyncio"
+    loop = "asyncio" if args.asyncio else "uvloop"
     print(
         f"{args.rate:.0f} requests/s, {args.seconds:.0f} s per run, {args.window_s:g} s windows, {loop} loop"
     )
@@ -104,6 +106,6 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--asyncio", action="store_true", help="asyncio's loop instead of uvloop")
     cli = parser.parse_args()
-    (uvloop.run if cli.uvloop else asyncio.run)(main(cli))
+    (asyncio.run if cli.asyncio else uvloop.run)(main(cli))
