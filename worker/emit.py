@@ -118,16 +118,20 @@ class Emitter:
 
     def _group(self, pending: list[tuple[Outgoing, _Waiter]]) -> dict[tuple[str, int], list[_Item]]:
         cluster = self.producer.client.cluster
-        partitions: dict[str, list[int]] = {}
+        partitions: dict[str, tuple[int, ...]] = {}
         groups: dict[tuple[str, int], list[_Item]] = {}
         for m, waiter in pending:
             parts = partitions.get(m.topic)
             if parts is None:
                 known = cluster.partitions_for_topic(m.topic)
-                parts = partitions[m.topic] = sorted(known) if known else []
+                parts = partitions[m.topic] = tuple(sorted(known)) if known else ()
             key = m.key.encode() if m.key is not None else None
-            # Unknown topic metadata: partition -1 sends through `send()`, which waits for the metadata.
-            partition = self._partitioner(key, parts, parts) if parts else -1
+            if not parts:  # unknown topic metadata: -1 sends through `send()`, which waits for it
+                partition = -1
+            elif key is not None and m.kind in ("cost", "cost_alert"):  # few keys (organizations, users)
+                partition = _partition_of(key, parts)
+            else:
+                partition = self._partitioner(key, parts, parts)
             groups.setdefault((m.topic, partition), []).append((m, key, waiter))
         return groups
 
@@ -190,6 +194,12 @@ class _Waiter:
 
 
 _Item = tuple[Outgoing, bytes | None, _Waiter]
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition_of(key: bytes, parts: tuple[int, ...]) -> int:
+    """The default partitioner's choice (murmur2 of the key), remembered for low-cardinality keys."""
+    return int(DefaultPartitioner()(key, parts, parts))
 
 
 def _headers(m: Outgoing) -> list[tuple[str, bytes]]:

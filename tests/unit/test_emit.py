@@ -42,3 +42,15 @@ def test_outcome_records_of_the_earlier_json_format_still_decode() -> None:
     earlier = json.dumps([["result", "t", "k", '{"a": 1}', "c"]]).encode()
     [m] = decode_outcome(earlier)
     assert (m.kind, m.topic, m.key, m.value, m.correlation_id) == ("result", "t", "k", b'{"a": 1}', "c")
+
+
+def test_remembered_partitions_are_the_default_partitioners_choice() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from worker.emit import _partition_of
+
+    parts = tuple(range(12))
+    for key in (b"org-1", b"org-2", b"user-\xc3\xa9", b"x" * 37):
+        expected = DefaultPartitioner()(key, list(parts), list(parts))
+        assert _partition_of(key, parts) == expected
+        assert _partition_of(key, parts) == expected  # the remembered answer too
