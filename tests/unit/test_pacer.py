@@ -72,3 +72,8 @@ def test_admissions_come_in_chunks_of_a_hundredth_of_the_window(clock: Clock) ->
     clock.now += wait_s
     assert admit(pacer, 1000) == 10
     assert admit(pacer, 3) == 0  # no tokens left, whatever the room
+
+
+def test_a_small_window_may_fill_at_once(clock: Clock) -> None:
+    assert admit(_Pacer(5), 5) == 5
+    assert admit(_Pacer(20), 20) == 8
