@@ -173,8 +173,7 @@ class Runtime:
         if self.orchestrator is not None:
             await self.orchestrator.aclose()  # flushes queued limiter corrections, closes the providers
         if self.outcomes is not None:
-            await self.outcomes.aclose()
-            await self.outcomes.batch.aclose()  # its own connection, not the pool's
+            await self.outcomes.aclose()  # waits for emitted markers, closes its own connection
         if self._redis is not None:
             await self._redis.aclose()
         if self._probes is not None:

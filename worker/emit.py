@@ -92,7 +92,6 @@ class Emitter:
         self._pending: list[tuple[Outgoing, _Waiter]] = []
         self._wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
-        self._partitioner = DefaultPartitioner()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def publish(self, messages: list[Outgoing]) -> None:
@@ -131,7 +130,7 @@ class Emitter:
             elif key is not None and m.kind in ("cost", "cost_alert"):  # few keys (organizations, users)
                 partition = _partition_of(key, parts)
             else:
-                partition = self._partitioner(key, parts, parts)
+                partition = _PARTITIONER(key, parts, parts)
             groups.setdefault((m.topic, partition), []).append((m, key, waiter))
         return groups
 
@@ -196,10 +195,13 @@ class _Waiter:
 _Item = tuple[Outgoing, bytes | None, _Waiter]
 
 
+_PARTITIONER = DefaultPartitioner()
+
+
 @functools.lru_cache(maxsize=4096)
 def _partition_of(key: bytes, parts: tuple[int, ...]) -> int:
     """The default partitioner's choice (murmur2 of the key), remembered for low-cardinality keys."""
-    return int(DefaultPartitioner()(key, parts, parts))
+    return int(_PARTITIONER(key, parts, parts))
 
 
 def _headers(m: Outgoing) -> list[tuple[str, bytes]]:

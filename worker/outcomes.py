@@ -116,9 +116,10 @@ class OutcomeStore:
             self._degraded("mark_emitted", exc)
 
     async def aclose(self) -> None:
-        """Wait for the emitted markers still on their way."""
+        """Wait for the emitted markers still on their way, then close the batch's connection."""
         if self._marking:
             await asyncio.wait(self._marking)
+        await self.batch.aclose()
 
     async def _set(self, op: str, key: str, value: bytes) -> None:
         try:

@@ -232,19 +232,19 @@ class _Connection(asyncio.Protocol):
 
     def drop(self, exc: Exception) -> None:
         """Fail every waiting caller and abort the connection; the next command reconnects."""
-        self.usable = False
-        _fail(self.waiting, exc)
-        self.waiting.clear()
-        if self.transport is not None:
-            self.transport.abort()
+        self.close(exc, abort=True)
 
-    def close(self, exc: Exception) -> None:
-        """Fail every waiting caller; what is written still reaches Redis, then the socket closes."""
+    def close(self, exc: Exception, abort: bool = False) -> None:
+        """Fail every waiting caller; unless aborted, what is written still reaches Redis, then the socket
+        closes."""
         self.usable = False
         _fail(self.waiting, exc)
         self.waiting.clear()
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False

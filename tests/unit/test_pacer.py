@@ -8,18 +8,12 @@ import pytest
 from worker import consume
 from worker.consume import _Pacer
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from .fakes import FakeTime
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    c = FakeTime()
     monkeypatch.setattr(consume.time, "monotonic", c)
     return c
 
@@ -31,7 +25,7 @@ def admit(pacer: _Pacer, room: int) -> int:
     return allowed
 
 
-def test_a_cold_backlog_is_admitted_in_bursts_of_a_twentieth_of_the_window(clock: Clock) -> None:
+def test_a_cold_backlog_is_admitted_in_bursts_of_a_twentieth_of_the_window(clock: FakeTime) -> None:
     pacer = _Pacer(1000)
     assert admit(pacer, 1000) == 50
     allowed, wait_s = pacer.allowance(950)
@@ -44,7 +38,7 @@ def test_a_cold_backlog_is_admitted_in_bursts_of_a_twentieth_of_the_window(clock
     assert admit(pacer, 900) in (24, 25)  # 20 ms x 1250/s, give or take float rounding
 
 
-def test_admission_rate_follows_the_observed_time_in_window(clock: Clock) -> None:
+def test_admission_rate_follows_the_observed_time_in_window(clock: FakeTime) -> None:
     pacer = _Pacer(1000)
     admit(pacer, 1000)
     pacer.finished(0.01)  # fast requests: 125 000 per second allowed
@@ -57,12 +51,12 @@ def test_admission_rate_follows_the_observed_time_in_window(clock: Clock) -> Non
     assert 11 <= admit(pacer, 1000) <= 13
 
 
-def test_pacing_never_admits_more_than_the_room(clock: Clock) -> None:
+def test_pacing_never_admits_more_than_the_room(clock: FakeTime) -> None:
     pacer = _Pacer(1000)
     assert admit(pacer, 7) == 7
 
 
-def test_admissions_come_in_chunks_of_a_hundredth_of_the_window(clock: Clock) -> None:
+def test_admissions_come_in_chunks_of_a_hundredth_of_the_window(clock: FakeTime) -> None:
     pacer = _Pacer(1000)
     admit(pacer, 1000)
     clock.now += 0.004  # 5 tokens at 1250/s: fewer than a chunk of 10, so wait for the rest
@@ -74,6 +68,6 @@ def test_admissions_come_in_chunks_of_a_hundredth_of_the_window(clock: Clock) ->
     assert admit(pacer, 3) == 0  # no tokens left, whatever the room
 
 
-def test_a_small_window_may_fill_at_once(clock: Clock) -> None:
+def test_a_small_window_may_fill_at_once(clock: FakeTime) -> None:
     assert admit(_Pacer(5), 5) == 5
     assert admit(_Pacer(20), 20) == 8
