@@ -68,10 +68,30 @@ async def create_topics(kafka: KafkaSettings) -> None:
                 await admin.create_topics(wanted)
             except TopicAlreadyExistsError:
                 pass
+        if wanted:
+            await _until_led(admin, {t.name: t.num_partitions for t in wanted})
         for name in topics.all():
             print(f"{name}: {'created' if name not in existing else 'exists'}")
     finally:
         await admin.close()
+
+
+async def _until_led(admin: AIOKafkaAdminClient, partitions: dict[str, int], timeout_s: float = 30) -> None:
+    """Wait until every partition of the new topics has a leader: a client using them at once otherwise
+    meets NotLeaderForPartition and backs off (seen as 100-300 ms stalls at the start of benchmarks)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = await admin.describe_topics(list(partitions))
+        led = {
+            t["topic"]: sum(1 for p in t["partitions"] if p["error_code"] == 0 and p["leader"] >= 0)
+            for t in described
+            if t["error_code"] == 0
+        }
+        if all(led.get(name, 0) >= n for name, n in partitions.items()):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topics without a leader after {timeout_s:.0f} s: {sorted(partitions)}")
+        await asyncio.sleep(0.05)
 
 
 async def send(kafka: KafkaSettings, count: int, timeout_s: float, bypass_cache: bool) -> int:

@@ -145,3 +145,25 @@ async def test_probe_endpoints_report_readiness_and_metrics(prefix, topics_for) 
     assert report["in_flight"] == 0
     assert live.json() == {"status": "alive"}
     assert "llm_worker_in_flight" in metrics.text
+
+
+async def test_created_topics_have_a_leader_for_every_partition(prefix, topics_for) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    settings = make_settings(prefix)
+    await topics_for(settings)  # returns only once every new partition is led
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(settings.kafka.topics.all())
+    finally:
+        await admin.close()
+    for topic in described:
+        expected = (
+            settings.kafka.request_topic_partitions
+            if topic["topic"] == settings.kafka.topics.comparison_request
+            else settings.kafka.topic_partitions
+        )
+        assert topic["error_code"] == 0
+        led = sorted(p["partition"] for p in topic["partitions"] if p["leader"] >= 0)
+        assert led == list(range(expected))
