@@ -84,3 +84,27 @@ async def test_a_safety_finish_reason_is_content_policy() -> None:
     await provider.aclose()
     assert caught.value.code is ErrorCode.CONTENT_POLICY
     assert caught.value.details["provider_error_type"] == "SAFETY"
+
+
+@pytest.mark.parametrize(
+    ("model", "effort", "expected"),
+    [
+        ("gemini-2.5-flash", "none", {"thinkingBudget": 0}),
+        ("gemini-2.5-pro", "none", {"thinkingBudget": 128}),
+        ("gemini-2.5-flash-lite", "low", {"thinkingBudget": 1024}),
+        ("gemini-2.5-pro", "high", {"thinkingBudget": 24576}),
+        ("gemini-3-flash-preview", "none", {"thinkingLevel": "minimal"}),
+        ("gemini-3-flash-preview", "medium", {"thinkingLevel": "medium"}),
+        ("gemini-3-pro-preview", "medium", {"thinkingLevel": "high"}),
+        ("gemini-3.1-pro", "low", {"thinkingLevel": "low"}),
+        ("gemini-2.0-flash", "high", None),
+    ],
+)
+async def test_reasoning_effort_becomes_the_models_thinking_config(model, effort, expected) -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.GOOGLE, settings_for(url))
+        assert provider is not None
+        await provider.compare(make_call("google", model, reasoning_effort=effort))
+        await provider.aclose()
+    [req] = server.requests
+    assert req.body["generationConfig"].get("thinkingConfig") == expected

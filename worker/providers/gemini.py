@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pydantic_core
@@ -71,6 +72,29 @@ class _Response(BaseModel):
     modelVersion: str | None = None
 
 
+#: Gemini 2.5 thinking budgets (tokens) per reasoning_effort; "none" turns thinking off where the model
+#: allows it (Flash, Flash-Lite) and is the smallest budget on Pro (which always thinks: 128-32768).
+_BUDGETS = {"low": 1024, "medium": 8192, "high": 24576}
+_VERSION = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
+
+
+def thinking_config(model: str, effort: str) -> dict[str, Any] | None:
+    """reasoning_effort in Gemini's terms: thinkingBudget on 2.5, thinkingLevel from 3 on (the two together
+    are a 400), nothing for models that do not think (1.x, 2.0)."""
+    found = _VERSION.search(model)
+    if found is None:
+        return None
+    major, minor = int(found.group(1)), int(found.group(2) or 0)
+    flash = "flash" in model
+    if major >= 3:
+        if flash:  # minimal, low, medium, high
+            return {"thinkingLevel": "minimal" if effort == "none" else effort}
+        return {"thinkingLevel": {"none": "low", "medium": "high"}.get(effort, effort)}  # Pro: low, high
+    if (major, minor) == (2, 5):
+        return {"thinkingBudget": (0 if flash else 128) if effort == "none" else _BUDGETS[effort]}
+    return None
+
+
 class GeminiProvider:
     def __init__(self, default_model: str, http: HttpEndpoint, name: str = "google") -> None:
         self.name = name
@@ -87,6 +111,9 @@ class GeminiProvider:
             config["temperature"] = call.temperature
         if call.max_tokens is not None:
             config["maxOutputTokens"] = call.max_tokens
+        thinking = thinking_config(call.model, call.reasoning_effort) if call.reasoning_effort else None
+        if thinking is not None:
+            config["thinkingConfig"] = thinking
         return {
             "systemInstruction": {"parts": [{"text": call.system_prompt}]},
             "contents": [{"role": "user", "parts": [*user_parts, {"text": call.user_prompt}]}],
