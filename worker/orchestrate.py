@@ -353,6 +353,8 @@ class Orchestrator:
             error = RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for the provider")
         except WorkerError as exc:
             error = exc
+            if quotes_prompt(exc.message, call):  # provider messages are emitted; prompt text never is
+                exc.message = f"{exc.message.split(':', 1)[0]}: message withheld (it quoted the prompt)"
         finally:
             duration_s = time.perf_counter() - t0
             if answer is None and error is None:  # cancelled: not the provider's fault, usage unknown
@@ -439,3 +441,17 @@ def _loop_deadline(deadline_s: float | None, clock: Callable[[], float]) -> floa
     if deadline_s is None:
         return None
     return asyncio.get_running_loop().time() + (deadline_s - clock())
+
+
+_QUOTE_CHARS = 24
+_QUOTE_STEP = 8
+
+
+def quotes_prompt(message: str, call: ComparisonCall) -> bool:
+    """Whether a provider's error message repeats a run of the request's text (32 characters or more are
+    always caught: some window of 24 starting at a multiple of 8 lies inside such a run). Error path only."""
+    texts = [call.user_prompt, call.system_prompt, *(b.content for b in call.prompt_blocks)]
+    last = len(message) - _QUOTE_CHARS
+    return any(
+        message[i : i + _QUOTE_CHARS] in text for i in range(0, last + 1, _QUOTE_STEP) for text in texts
+    )

@@ -7,6 +7,7 @@ import pytest
 from contracts import ErrorCode, ProviderName
 from tests.unit.fakes import OK, FakeTime, Scripted, err
 from worker import metrics
+from worker.errors import ProviderError
 from worker.orchestrate import FallbackPolicy, Orchestrator, RetryPolicy
 from worker.pricing import PriceTable
 from worker.providers.base import ComparisonCall
@@ -144,3 +145,20 @@ async def test_retries_are_counted_in_the_attempts_metric() -> None:
     await make(p, time=time).run(call, None)
     assert retries._value.get() - before_retries == 1
     assert calls._value.get() - before_calls == 2
+
+
+async def test_a_provider_message_quoting_the_prompt_is_withheld_but_its_code_kept() -> None:
+    prompt = "Essay A: the cat sat on the mat and thought about it.\n\nEssay B: dogs."
+    quoted = ProviderError(
+        ErrorCode.CONTENT_TOO_LONG, "openai HTTP 400: cannot process 'the cat sat on the mat and thought'"
+    )
+    plain = ProviderError(ErrorCode.CONTENT_TOO_LONG, "openai HTTP 400: maximum context length is 8192")
+    call = ComparisonCall(provider="p", model="p-model", system_prompt="s", user_prompt=prompt)
+    for error, expected in [
+        (quoted, "openai HTTP 400: message withheld (it quoted the prompt)"),
+        (plain, "openai HTTP 400: maximum context length is 8192"),
+    ]:
+        outcome = await make(Scripted("p", error), time=FakeTime()).run(call, None)
+        assert outcome.error is not None
+        assert outcome.error.code is ErrorCode.CONTENT_TOO_LONG
+        assert outcome.error.message == expected
