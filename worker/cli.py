@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fake-server":
         from worker.fake_server import serve
 
-        try:
-            asyncio.run(serve(args.port, args.latency_ms, args.host))
+        try:  # on uvloop like the worker: the stand-in provider should add as little of its own as it can
+            uvloop.run(serve(args.port, args.latency_ms, args.host))
         except KeyboardInterrupt:
             pass
         return 0
