@@ -33,6 +33,7 @@ from functools import partial
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from worker import metrics
 from worker.logs import correlation_id_var, request_id_var
@@ -41,6 +42,8 @@ from worker.settings import FlowSettings
 
 log = logging.getLogger(__name__)
 
+# A DLQ publish that fails is tried again, backing off up to this long between tries.
+_DLQ_RETRY_MAX_S = 30.0
 # While the in-flight window stays full, poll (paused) at least this often to stay in the group.
 _FULL_POLL_S = 30.0
 
@@ -156,7 +159,19 @@ class ConsumeLoop:
                 )
                 await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
         assert error is not None
-        await self.poison(record, error)
+        await self._dead_letter(record, error)
+
+    async def _dead_letter(self, record: ConsumerRecord, error: BaseException) -> None:
+        """Publish to the DLQ until Kafka takes it: the partition's watermark waits for this offset, so
+        giving up would hold it until a restart. Revocation and shutdown cancel the wait."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential(multiplier=0.2, max=_DLQ_RETRY_MAX_S),
+            before_sleep=_log_dlq_retry,
+            reraise=True,
+        ):
+            with attempt:
+                await self.poison(record, error)
 
     def _on_done(
         self, tp: TopicPartition, epoch: int, offset: int, started: float, task: asyncio.Task[None]
@@ -167,8 +182,8 @@ class ConsumeLoop:
         if task.cancelled():
             metrics.REVOKED_CANCELLED.inc()
         elif task.exception() is not None:
-            # Even the DLQ publish failed (Kafka unreachable): leave the offset unfinished. The partition's
-            # watermark stops here, so a restart redelivers this message: at-least-once is kept.
+            # Not expected (the DLQ publish is retried until it lands or is cancelled): leave the offset
+            # unfinished. The partition's watermark stops here, so a restart redelivers this message.
             log.error("message left unfinished", exc_info=task.exception(), extra={"offset": offset})
         else:
             tracker = self.trackers.get(tp)
@@ -268,6 +283,11 @@ class ConsumeLoop:
     def stop(self) -> None:
         self._stopping = True
         self._capacity.set()
+
+
+def _log_dlq_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    log.warning("DLQ publish failed; retrying", extra={"attempt": state.attempt_number, "error": repr(error)})
 
 
 class _Pacer:

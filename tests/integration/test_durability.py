@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import KafkaConnectionError
 
 from contracts import utc_now
 from tests.conftest import (
@@ -286,3 +287,41 @@ async def test_backpressure_bounds_concurrency_at_max_in_flight(prefix, topics_f
         await asyncio.gather(*(kafka.send(request_envelope(i)) for i in range(60)))
         await kafka.wait_for(kafka.topics.comparison_result, 60)
     assert peak == 5
+
+
+async def test_a_failing_dlq_publish_is_retried_until_it_lands_and_the_offset_then_finishes(
+    prefix, topics_for, kafka_for
+):
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    await kafka.send_raw(b"poison")
+    await kafka.send_raw(b"fine")
+    dlq_tries: list[bytes] = []
+
+    async def handle(record: ConsumerRecord) -> None:
+        if record.value == b"poison":
+            raise RuntimeError("handler bug")
+
+    async def poison(record: ConsumerRecord, error: BaseException) -> None:
+        dlq_tries.append(record.value)
+        if len(dlq_tries) < 3:
+            raise KafkaConnectionError("broker unreachable")  # as a publish during an outage fails
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=BOOTSTRAP,
+        group_id=settings.kafka.consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    loop = ConsumeLoop(consumer, settings.kafka.topics.comparison_request, handle, poison, settings.flow)
+    task = asyncio.create_task(loop.run())
+    try:
+        await _until(lambda: len(dlq_tries) == 3 and loop.in_flight == 0, what="the third DLQ try to land")
+        await loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 2}
+        assert dlq_tries == [b"poison"] * 3
+    finally:
+        loop.stop()
+        await task
