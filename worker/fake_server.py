@@ -30,6 +30,16 @@ from typing import Any
 
 from aiohttp import web
 
+_STRUCTURED = ["max_tokens", "temperature", "response_format", "structured_outputs"]
+_CATALOG = [
+    ("openai/gpt-4.1-mini", _STRUCTURED),
+    ("openai/o4-mini", [*_STRUCTURED, "reasoning"]),
+    ("google/gemini-2.5-flash", _STRUCTURED),
+    ("anthropic/claude-sonnet-4.5", _STRUCTURED),
+    ("mistralai/mistral-large", _STRUCTURED),
+    ("meta-llama/llama-3.3-70b-instruct", ["max_tokens", "temperature", "response_format"]),
+    ("openai/gpt-3.5-turbo-instruct", ["max_tokens", "temperature"]),
+]
 _JUSTIFICATION = "It argues its thesis more clearly and supports it with better evidence."
 
 
@@ -52,6 +62,8 @@ class FakeProviderServer:
         self.requests: list[Received] = []
         self.served = 0
         self._queue: deque[str] = deque()
+        self.catalog_status = 200  # answer of OpenRouter's GET /models (500: unavailable)
+        self.catalog_served = 0
         self._seen_prefixes: set[str] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -66,6 +78,7 @@ class FakeProviderServer:
         app.router.add_post("/api/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_post("/v1beta/models/{target}", self._gemini)
+        app.router.add_get("/api/v1/models", self._openrouter_models)
         return app
 
     async def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
@@ -113,6 +126,13 @@ class FakeProviderServer:
         if not isinstance(body, dict):
             return _error(api, 400, "invalid_request_error", "request body is not JSON")
         return scenario, body
+
+    async def _openrouter_models(self, request: web.Request) -> web.StreamResponse:
+        """OpenRouter's model list: each model's id and the request parameters it supports."""
+        self.catalog_served += 1
+        if self.catalog_status != 200:
+            return _error("openai", self.catalog_status, "server_error", "catalog unavailable")
+        return web.json_response({"data": [{"id": m, "supported_parameters": p} for m, p in _CATALOG]})
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         begun = await self._begin("openai", request)

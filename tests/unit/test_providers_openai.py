@@ -7,7 +7,7 @@ import pytest
 from contracts import ErrorCode, ProviderName, TokenUsage
 from worker.errors import ProviderError
 from worker.providers import build_provider
-from worker.providers.openai import STRICT_SCHEMA
+from worker.providers.openai import STRICT_SCHEMA, OpenAIProvider, SchemaSupport
 
 from .fake_providers import fake_server, make_call, settings_for
 
@@ -177,3 +177,40 @@ async def test_verbosity_is_sent_to_gpt_5_models_only() -> None:
         await provider.aclose()
     assert server.requests[0].body["verbosity"] == "low"
     assert "verbosity" not in server.requests[1].body
+
+
+async def test_openrouter_takes_schema_support_from_its_model_list_fetched_once() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENROUTER, settings_for(url))
+        assert provider is not None
+        # Listed with structured_outputs though no prefix says so; and an openai/ model listed without.
+        for model in ["mistralai/mistral-large", "openai/gpt-3.5-turbo-instruct"] * 3:
+            await provider.compare(make_call("openrouter", model))
+        await provider.aclose()
+    formats = [r.body["response_format"]["type"] for r in server.requests]
+    assert formats == ["json_schema", "json_object"] * 3
+    assert server.catalog_served == 1
+
+
+async def test_openrouter_falls_back_to_model_prefixes_while_its_model_list_is_unavailable() -> None:
+    now = [1000.0]
+    async with fake_server() as (server, url):
+        server.catalog_status = 500
+        provider = build_provider(ProviderName.OPENROUTER, settings_for(url))
+        assert isinstance(provider, OpenAIProvider) and provider.schema_support is not None
+        provider.schema_support.clock = lambda: now[0]
+        for model in ["mistralai/mistral-large", "openai/gpt-4.1-mini"]:
+            answer = await provider.compare(make_call("openrouter", model))
+            assert answer.winner in ("Essay A", "Essay B")
+        assert server.catalog_served == 1  # not asked again before RETRY_S
+        server.catalog_status = 200
+        now[0] += SchemaSupport.RETRY_S
+        await provider.compare(make_call("openrouter", "mistralai/mistral-large"))  # starts a refetch
+        if (refetch := provider.schema_support._fetching) is not None:
+            await refetch
+        assert provider.schema_support.models is not None
+        await provider.compare(make_call("openrouter", "mistralai/mistral-large"))
+        await provider.aclose()
+    formats = [r.body["response_format"]["type"] for r in server.requests]
+    assert formats == ["json_object", "json_schema", "json_object", "json_schema"]
+    assert server.catalog_served == 2

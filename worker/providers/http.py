@@ -114,6 +114,11 @@ class AiohttpSender:
         async with session.post(self._url(url), data=body, allow_redirects=False) as response:
             return response.status, response.headers, await response.read()
 
+    async def get(self, url: str) -> tuple[int, Mapping[str, str], bytes]:
+        session = self._session or self._open()
+        async with session.get(url, allow_redirects=False) as response:
+            return response.status, response.headers, await response.read()
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -144,14 +149,26 @@ class HttpxSender:
             await response.aclose()
         return response.status_code, response.headers, content
 
+    async def get(self, url: str) -> tuple[int, Mapping[str, str], bytes]:
+        request = httpx.Request("GET", url, headers=self.headers, extensions={"timeout": self.timeout})
+        response = await self.transport.handle_async_request(request)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return response.status_code, response.headers, content
+
     async def aclose(self) -> None:
         await self.transport.aclose()
 
 
 class Sender(Protocol):
-    """The seam under HttpEndpoint: one POST of a JSON body, answered with (status, headers, body)."""
+    """The seam under HttpEndpoint: one POST of a JSON body (or a GET), answered with (status, headers,
+    body)."""
 
     async def post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]: ...
+
+    async def get(self, url: str) -> tuple[int, Mapping[str, str], bytes]: ...
 
     async def aclose(self) -> None: ...
 
@@ -172,6 +189,16 @@ class HttpEndpoint:
         del payload  # not held while the call is in flight: fewer live objects for the collector to walk
         try:
             status, headers, body = await self.sender.post(self.base_url + path, content)
+        except (TimeoutError, aiohttp.ClientError, httpx.TransportError) as exc:
+            raise classify_transport_error(provider, exc) from exc
+        if status >= 300:
+            raise classify_error(provider, status, body, headers)
+        return body
+
+    async def get(self, provider: str, path: str) -> bytes:
+        """GET once; the 2xx body, or a classified ProviderError."""
+        try:
+            status, headers, body = await self.sender.get(self.base_url + path)
         except (TimeoutError, aiohttp.ClientError, httpx.TransportError) as exc:
             raise classify_transport_error(provider, exc) from exc
         if status >= 300:

@@ -4,6 +4,10 @@ json_object where a model can't do schemas."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,6 +15,7 @@ import pydantic_core
 from pydantic import BaseModel, NonNegativeInt
 
 from contracts import ErrorCode, TokenUsage
+from worker.errors import WorkerError
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
 from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer, parse_response
 
@@ -32,6 +37,8 @@ _JSON_OBJECT_INSTRUCTION = (
 
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
+log = logging.getLogger(__name__)
+
 
 def is_reasoning_model(model: str) -> bool:
     """o-series and gpt-5 family (OpenRouter's `openai/` prefix ignored): no temperature, reasoning
@@ -47,8 +54,8 @@ def _bare(model: str) -> str:
 class OpenAIDialect:
     """What differs between the endpoints on the OpenAI code path."""
 
-    #: "json_schema" always, "json_object" always, or "by_model": json_schema for model ids that start
-    #: with one of `json_schema_prefixes`, json_object otherwise (OpenRouter).
+    #: "json_schema" always, "json_object" always, or "by_model" (OpenRouter): as the provider's model list
+    #: says (SchemaSupport), else json_schema for model ids that start with one of `json_schema_prefixes`.
     structured_output: Literal["json_schema", "json_object", "by_model"] = "json_schema"
     json_schema_prefixes: tuple[str, ...] = ()
     #: OpenRouter takes reasoning as {"reasoning": {"effort": ...}}; OpenAI as reasoning_effort.
@@ -110,6 +117,63 @@ class _Completion(BaseModel):
     usage: _Usage | None = None
 
 
+class _ListedModel(BaseModel):
+    id: str
+    supported_parameters: list[str] = []
+
+
+class _ModelList(BaseModel):
+    data: list[_ListedModel]
+
+
+class SchemaSupport:
+    """Which models take response_format json_schema, from OpenRouter's GET /models: those listing
+    "structured_outputs" among their supported_parameters. Fetched on first use (the first calls wait for
+    it, at most FETCH_TIMEOUT_S) and again every REFRESH_S in the background; after a failed fetch the
+    dialect's model-id prefixes decide until a retry RETRY_S later succeeds, as they do for a model the
+    list does not name."""
+
+    REFRESH_S = 3600.0
+    RETRY_S = 60.0
+    FETCH_TIMEOUT_S = 5.0
+
+    def __init__(self, http: HttpEndpoint, provider: str, clock: Callable[[], float] = time.monotonic):
+        self.http = http
+        self.provider = provider
+        self.clock = clock
+        self.models: dict[str, bool] | None = None
+        self.next_fetch = 0.0
+        self._fetching: asyncio.Task[None] | None = None
+        self._first: asyncio.Task[None] | None = None
+
+    async def json_schema(self, model: str) -> bool | None:
+        """True or False as listed; None when the list is unavailable or does not name the model."""
+        if self._fetching is None and self.clock() >= self.next_fetch:
+            self._fetching = asyncio.create_task(self._fetch())
+            self._first = self._first or self._fetching
+        first = self._first
+        if first is not None and not first.done():  # only the first fetch is waited for
+            await asyncio.shield(first)
+        return self.models.get(model) if self.models is not None else None
+
+    async def _fetch(self) -> None:
+        try:
+            async with asyncio.timeout(self.FETCH_TIMEOUT_S):
+                body = await self.http.get(self.provider, "/models")
+            listed = parse_response(_ModelList, body, self.provider, "a model list")
+            self.models = {m.id: "structured_outputs" in m.supported_parameters for m in listed.data}
+            self.next_fetch = self.clock() + self.REFRESH_S
+        except (WorkerError, TimeoutError) as exc:
+            log.warning("model list unavailable; model-id prefixes decide", extra={"error": repr(exc)})
+            self.next_fetch = self.clock() + self.RETRY_S
+        finally:
+            self._fetching = None
+
+    async def aclose(self) -> None:
+        if self._fetching is not None:
+            self._fetching.cancel()
+
+
 class OpenAIProvider:
     """One Chat Completions endpoint. `http` carries base URL, auth and provider headers."""
 
@@ -120,9 +184,12 @@ class OpenAIProvider:
         self.default_model = default_model
         self.http = http
         self.dialect = dialect
+        self.schema_support = SchemaSupport(http, name) if dialect.structured_output == "by_model" else None
 
-    def build_payload(self, call: ComparisonCall) -> dict[str, Any]:
-        json_schema = self.dialect.uses_json_schema(call.model)
+    def build_payload(self, call: ComparisonCall, json_schema: bool | None = None) -> dict[str, Any]:
+        """`json_schema` as the model list says; None: as the dialect says."""
+        if json_schema is None:
+            json_schema = self.dialect.uses_json_schema(call.model)
         system = call.system_prompt if json_schema else call.system_prompt + _JSON_OBJECT_INSTRUCTION
         user_blocks = [b.content for b in call.prompt_blocks if b.target == "user_content"]
         payload: dict[str, Any] = {
@@ -157,7 +224,8 @@ class OpenAIProvider:
         return payload
 
     async def compare(self, call: ComparisonCall) -> Answer:
-        body = await self.http.post_json(self.name, "/chat/completions", self.build_payload(call))
+        listed = await self.schema_support.json_schema(call.model) if self.schema_support else None
+        body = await self.http.post_json(self.name, "/chat/completions", self.build_payload(call, listed))
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
@@ -187,4 +255,6 @@ class OpenAIProvider:
         return parse_billed_answer(obj, requested_model, usage, self.name)
 
     async def aclose(self) -> None:
+        if self.schema_support is not None:
+            await self.schema_support.aclose()
         await self.http.aclose()
