@@ -1,6 +1,6 @@
 """RedisBatch on the real Redis: concurrent callers share writes, errors stay with their caller, a broken
 or silent connection fails its waiting callers and the next command reconnects, and the connection
-follows the client's pool (db, AUTH, client name, unix socket)."""
+follows the client's pool (db, AUTH, client name, unix socket, TLS)."""
 
 from __future__ import annotations
 
@@ -194,6 +194,8 @@ def private_redis() -> Iterator[Path]:
                     break
                 except (RedisError, OSError):
                     time.sleep(0.05)  # the server is starting
+            else:
+                raise AssertionError("the private redis-server did not answer")
             admin.close()
             yield sock
         finally:
@@ -224,3 +226,65 @@ async def test_a_wrong_password_fails_with_an_authentication_error(private_redis
     finally:
         await batch.aclose()
         await redis.aclose()
+
+
+@pytest.fixture
+def tls_redis() -> Iterator[tuple[int, Path]]:
+    """A redis-server of our own serving only TLS, with a certificate from a throw-away CA."""
+    assert shutil.which("redis-server") and shutil.which("openssl"), "redis-server and openssl are needed"
+    with tempfile.TemporaryDirectory(prefix="rbtls") as tmp:
+        d = Path(tmp)
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True, "cwd": d}
+        req = ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        subprocess.run([*req, "-x509", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=ca"], **quiet)
+        subprocess.run([*req, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1"], **quiet)
+        sign = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext", "-days", "1"]
+        subprocess.run(["openssl", "x509", "-req", "-in", "srv.csr", *sign, "-out", "srv.crt"], **quiet)
+        port = free_port()
+        tls = ["--tls-port", str(port), "--tls-cert-file", str(d / "srv.crt"), "--tls-key-file"]
+        tls += [str(d / "srv.key"), "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no"]
+        proc = subprocess.Popen(
+            ["redis-server", "--port", "0", *tls, "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            ca = str(d / "ca.crt")
+            admin = SyncRedis("127.0.0.1", port, ssl=True, ssl_ca_certs=ca, retry=Retry(NoBackoff(), 0))
+            for _ in range(100):
+                assert proc.poll() is None, "redis-server exited"
+                try:
+                    admin.ping()
+                    break
+                except (RedisError, OSError):
+                    time.sleep(0.05)  # the server is starting
+            else:
+                raise AssertionError("the TLS redis-server did not answer")
+            admin.close()
+            yield port, d / "ca.crt"
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+async def test_tls_connection_comes_from_the_pool_and_verifies_the_server(
+    tls_redis: tuple[int, Path],
+) -> None:
+    port, ca = tls_redis
+    redis = Redis.from_url(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+    batch = RedisBatch(redis)
+    try:
+        await batch.execute("SET", "over-tls", "yes")
+        assert await redis.get("over-tls") == b"yes"
+        assert await batch.execute("GET", "over-tls") == b"yes"
+    finally:
+        await batch.aclose()
+        await redis.aclose()
+    untrusting = Redis.from_url(f"rediss://127.0.0.1:{port}/0")  # system CAs only: not ours
+    batch = RedisBatch(untrusting)
+    try:
+        with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await batch.execute("PING")
+    finally:
+        await batch.aclose()
+        await untrusting.aclose()
