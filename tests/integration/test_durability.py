@@ -23,7 +23,8 @@ from tests.conftest import (
     running_worker,
     worker_env,
 )
-from worker.consume import ConsumeLoop
+from worker.consume import ConsumeLoop, Handle, Poison
+from worker.settings import Settings
 
 
 async def _until(predicate: Any, timeout_s: float = 30, what: str = "condition") -> None:
@@ -33,6 +34,21 @@ async def _until(predicate: Any, timeout_s: float = 30, what: str = "condition")
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def _run_loop(
+    settings: Settings, handle: Handle, poison: Poison
+) -> tuple[ConsumeLoop, asyncio.Task[None]]:
+    """A ConsumeLoop of its own (no worker around it) on the request topic, running."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=BOOTSTRAP,
+        group_id=settings.kafka.consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    loop = ConsumeLoop(consumer, settings.kafka.topics.comparison_request, handle, poison, settings.flow)
+    return loop, asyncio.create_task(loop.run())
 
 
 async def test_commit_stays_at_lowest_unfinished_offset_until_it_finishes(prefix, topics_for, kafka_for):
@@ -52,15 +68,7 @@ async def test_commit_stays_at_lowest_unfinished_offset_until_it_finishes(prefix
     async def poison(record: ConsumerRecord, error: BaseException) -> None:
         raise AssertionError("no poison expected")
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=BOOTSTRAP,
-        group_id=settings.kafka.consumer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    loop = ConsumeLoop(consumer, settings.kafka.topics.comparison_request, handle, poison, settings.flow)
-    task = asyncio.create_task(loop.run())
+    loop, task = await _run_loop(settings, handle, poison)
     try:
         await _until(lambda: len(finished) == 99, what="offsets 1..99 to finish")
         await loop.commit()
@@ -308,15 +316,7 @@ async def test_a_failing_dlq_publish_is_retried_until_it_lands_and_the_offset_th
         if len(dlq_tries) < 3:
             raise KafkaConnectionError("broker unreachable")  # as a publish during an outage fails
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=BOOTSTRAP,
-        group_id=settings.kafka.consumer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    loop = ConsumeLoop(consumer, settings.kafka.topics.comparison_request, handle, poison, settings.flow)
-    task = asyncio.create_task(loop.run())
+    loop, task = await _run_loop(settings, handle, poison)
     try:
         await _until(lambda: len(dlq_tries) == 3 and loop.in_flight == 0, what="the third DLQ try to land")
         await loop.commit()

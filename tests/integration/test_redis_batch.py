@@ -173,6 +173,20 @@ async def test_closing_fails_waiting_and_later_commands(prefix: str, redis: Redi
         await batch.execute("PING")
 
 
+def _until_answering(admin: SyncRedis, proc: subprocess.Popen[bytes]) -> None:
+    try:
+        for _ in range(100):
+            assert proc.poll() is None, "redis-server exited"
+            try:
+                admin.ping()
+                return
+            except (RedisError, OSError):
+                time.sleep(0.05)  # the server is starting
+        raise AssertionError("redis-server did not answer")
+    finally:
+        admin.close()
+
+
 @pytest.fixture
 def private_redis() -> Iterator[Path]:
     """A redis-server of our own on a unix socket with a password and a second ACL user."""
@@ -187,16 +201,7 @@ def private_redis() -> Iterator[Path]:
         )
         try:
             admin = SyncRedis(unix_socket_path=str(sock), password="secret", retry=Retry(NoBackoff(), 0))
-            for _ in range(100):
-                assert proc.poll() is None, "redis-server exited"
-                try:
-                    admin.ping()
-                    break
-                except (RedisError, OSError):
-                    time.sleep(0.05)  # the server is starting
-            else:
-                raise AssertionError("the private redis-server did not answer")
-            admin.close()
+            _until_answering(admin, proc)
             yield sock
         finally:
             proc.terminate()
@@ -251,16 +256,7 @@ def tls_redis() -> Iterator[tuple[int, Path]]:
         try:
             ca = str(d / "ca.crt")
             admin = SyncRedis("127.0.0.1", port, ssl=True, ssl_ca_certs=ca, retry=Retry(NoBackoff(), 0))
-            for _ in range(100):
-                assert proc.poll() is None, "redis-server exited"
-                try:
-                    admin.ping()
-                    break
-                except (RedisError, OSError):
-                    time.sleep(0.05)  # the server is starting
-            else:
-                raise AssertionError("the TLS redis-server did not answer")
-            admin.close()
+            _until_answering(admin, proc)
             yield port, d / "ca.crt"
         finally:
             proc.terminate()

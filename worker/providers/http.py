@@ -139,18 +139,14 @@ class HttpxSender:
         self.timeout = dict(timeout or {})
 
     async def post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        request = httpx.Request(
-            "POST", url, content=body, headers=self.headers, extensions={"timeout": self.timeout}
-        )
-        response = await self.transport.handle_async_request(request)
-        try:
-            content = await response.aread()
-        finally:
-            await response.aclose()
-        return response.status_code, response.headers, content
+        return await self._send("POST", url, body)
 
     async def get(self, url: str) -> tuple[int, Mapping[str, str], bytes]:
-        request = httpx.Request("GET", url, headers=self.headers, extensions={"timeout": self.timeout})
+        return await self._send("GET", url, None)
+
+    async def _send(self, method: str, url: str, body: bytes | None) -> tuple[int, Mapping[str, str], bytes]:
+        extensions = {"timeout": self.timeout}
+        request = httpx.Request(method, url, content=body, headers=self.headers, extensions=extensions)
         response = await self.transport.handle_async_request(request)
         try:
             content = await response.aread()
