@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
+import pydantic_core
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import BaseModel
@@ -39,12 +40,37 @@ def make_event(
     """Serialise `data` in an EventEnvelope. The envelope's own fields are written directly around the
     data's JSON (same shape as `EventEnvelope[T].model_dump_json()`, checked by a test) so the hot path
     validates and serialises each event exactly once."""
+    return _enveloped(
+        kind, topic, key, type(data).__name__, data.model_dump_json(), correlation_id, source_service
+    )
+
+
+def make_unchecked_event(
+    kind: Kind,
+    topic: str,
+    key: str | None,
+    model: type[BaseModel],
+    fields: dict[str, Any],
+    correlation_id: UUID,
+    source_service: str,
+) -> Outgoing:
+    """make_event without building the model: `fields` are serialised as `model(**fields).model_dump_json()`
+    would be, provided they hold every field of `model` in declaration order, with the types validation
+    would produce (float for float fields, models for nested models) and values it would accept. For events
+    built from already-validated parts on the hot path; tests hold each caller byte-equal to the model."""
+    data = pydantic_core.to_json(fields).decode()
+    return _enveloped(kind, topic, key, model.__name__, data, correlation_id, source_service)
+
+
+def _enveloped(
+    kind: Kind, topic: str, key: str | None, event_type: str, data: str, correlation_id: UUID, source: str
+) -> Outgoing:
     now = datetime.now(UTC).isoformat()
     cid = str(correlation_id)
     value = (
-        f'{{"event_id":"{_uuid4()}","event_type":"{type(data).__name__}","event_timestamp":"{now}",'
-        f'"source_service":{_json_str(source_service)},"schema_version":1,'
-        f'"correlation_id":"{cid}","data":{data.model_dump_json()},"metadata":{{}}}}'
+        f'{{"event_id":"{_uuid4()}","event_type":"{event_type}","event_timestamp":"{now}",'
+        f'"source_service":{_json_str(source)},"schema_version":1,'
+        f'"correlation_id":"{cid}","data":{data},"metadata":{{}}}}'
     ).encode()
     return Outgoing(kind, topic, key, value, cid)
 
