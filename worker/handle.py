@@ -257,13 +257,13 @@ class Handler:
             details = {k: v for k, v in error.details.items() if k not in ("usage", "cache_write_tokens")}
             details.setdefault("provider", call.provider)
             detail = ErrorDetail.from_code(error.code, error.message, job.correlation_id, **details)
-        src, cid = self.service_name, job.correlation_id
+        src, cid, cid_text = self.service_name, job.correlation_id, str(job.correlation_id)
         if answer is not None and detail is None:
             # Answers are validated where they are made (parse_answer, the mock, the cache's decode), so
             # the result is serialised without validating it again.
-            fields = _answered_result(job, answer, call.provider, elapsed_ms, cost_usd, metadata)
+            fields = _answered_result(job, cid_text, answer, call.provider, elapsed_ms, cost_usd, metadata)
             result = make_unchecked_event(
-                "result", job.callback_topic, job.request_id, LLMComparisonResultV1, fields, cid, src
+                "result", job.callback_topic, job.request_id, LLMComparisonResultV1, fields, cid_text, src
             )
         else:
             model = LLMComparisonResultV1(
@@ -286,10 +286,10 @@ class Handler:
         cost_key = request.organization_id or request.user_id
         for attempt in outcome.attempts:
             if attempt.usage is not None and attempt.cost is not None:
-                fields = _cost_tracking(job, attempt, attempt.usage, attempt.cost, src)
+                fields = _cost_tracking(job, cid_text, attempt, attempt.usage, attempt.cost, src)
                 messages.append(
                     make_unchecked_event(
-                        "cost", self.topics.cost_tracking, cost_key, LLMCostTrackingV1, fields, cid, src
+                        "cost", self.topics.cost_tracking, cost_key, LLMCostTrackingV1, fields, cid_text, src
                     )
                 )
         if detail is not None:
@@ -445,12 +445,18 @@ def _attempts(cached: CachedAnswer) -> list[Attempt]:
 
 
 def _answered_result(
-    job: Job, answer: Answer, provider: str, elapsed_ms: int, cost_usd: float, metadata: dict[str, Any]
+    job: Job,
+    cid_text: str,
+    answer: Answer,
+    provider: str,
+    elapsed_ms: int,
+    cost_usd: float,
+    metadata: dict[str, Any],
 ) -> dict[str, Any]:
     """LLMComparisonResultV1 of an answer, as make_unchecked_event takes it (every field, in order)."""
     return {
         "request_id": job.request_id,
-        "correlation_id": job.correlation_id,
+        "correlation_id": cid_text,
         "winner": answer.winner,
         "justification": answer.justification,
         "confidence": float(answer.confidence),
@@ -467,10 +473,12 @@ def _answered_result(
     }
 
 
-def _cost_tracking(job: Job, attempt: Attempt, usage: TokenUsage, cost: Cost, service: str) -> dict[str, Any]:
+def _cost_tracking(
+    job: Job, cid_text: str, attempt: Attempt, usage: TokenUsage, cost: Cost, service: str
+) -> dict[str, Any]:
     """LLMCostTrackingV1 of one billed call, as make_unchecked_event takes it (every field, in order)."""
     return {
-        "correlation_id": job.correlation_id,
+        "correlation_id": cid_text,
         "request_id": job.request_id,
         "provider": attempt.provider,
         "model": attempt.model,

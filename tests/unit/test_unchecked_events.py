@@ -58,10 +58,9 @@ def test_answered_result_is_byte_equal_to_the_validated_model(
 ) -> None:
     monkeypatch.setattr(handle, "utc_now", lambda: COMPLETED_AT)
     metadata = dict(metadata, resolved_model=answer.model)
-    fields = handle._answered_result(job, answer, "openai", 17, cost_usd, metadata)
-    unchecked = make_unchecked_event(
-        "result", "t", job.request_id, LLMComparisonResultV1, fields, job.correlation_id, "svc"
-    )
+    cid = str(job.correlation_id)
+    fields = handle._answered_result(job, cid, answer, "openai", 17, cost_usd, metadata)
+    unchecked = make_unchecked_event("result", "t", job.request_id, LLMComparisonResultV1, fields, cid, "svc")
     model = LLMComparisonResultV1(
         request_id=job.request_id,
         correlation_id=job.correlation_id,
@@ -90,9 +89,10 @@ def test_cost_tracking_is_byte_equal_to_the_validated_model(
     job: Job, cost: Cost, started_at: datetime
 ) -> None:
     attempt = Attempt("anthropic", "claude-haiku-4-5", started_at, 842, USAGE, cost)
-    fields = handle._cost_tracking(job, attempt, USAGE, cost, "llm_provider_service")
+    cid = str(job.correlation_id)
+    fields = handle._cost_tracking(job, cid, attempt, USAGE, cost, "llm_provider_service")
     unchecked = make_unchecked_event(
-        "cost", "t", None, LLMCostTrackingV1, fields, job.correlation_id, "llm_provider_service"
+        "cost", "t", None, LLMCostTrackingV1, fields, cid, "llm_provider_service"
     )
     model = LLMCostTrackingV1(
         correlation_id=job.correlation_id,
@@ -128,7 +128,9 @@ def test_unchecked_and_validated_envelopes_differ_only_in_event_id_and_timestamp
     fields["token_usage"] = USAGE
     checked = json.loads(make_event("cost", "t", "k", model, job.correlation_id, 'svc "q"').value)
     unchecked = json.loads(
-        make_unchecked_event("cost", "t", "k", LLMCostTrackingV1, fields, job.correlation_id, 'svc "q"').value
+        make_unchecked_event(
+            "cost", "t", "k", LLMCostTrackingV1, fields, str(job.correlation_id), 'svc "q"'
+        ).value
     )
     for envelope in (checked, unchecked):
         del envelope["event_id"], envelope["event_timestamp"]
