@@ -159,7 +159,7 @@ class Handler:
     ) -> tuple[CallOutcome, list[Outgoing]]:
         """Budget check, the provider call, spend accounting: the outcome and any cost alerts it raised."""
         request = job.request
-        if self.spend is not None:
+        if self.spend is not None and self.spend.has_budget(request.organization_id):
             try:
                 estimate = estimate_call_usd(self.orchestrator.prices, call)
                 await self.spend.check_budget(request.organization_id, estimate)
