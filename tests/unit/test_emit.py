@@ -92,3 +92,16 @@ def test_event_timestamps_are_written_as_isoformat_writes_them() -> None:
     for t in (0.0, 1.5, 1.9999996, 1_700_000_000.25, 1_700_000_000.000001, 1_800_000_000.999999):
         assert clock.iso_now(t) == datetime.fromtimestamp(t, UTC).isoformat()
     assert datetime.fromisoformat(clock.iso_now()).tzinfo is not None
+
+
+def test_event_ids_are_distinct_version_4_uuids_across_refills() -> None:
+    from worker.emit import _RandomIds
+
+    ids = _RandomIds()
+    made = [ids.uuid4() for _ in range(1000)]  # four refills of the random pool
+    assert len(set(made)) == len(made)
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
