@@ -61,7 +61,7 @@ def make_unchecked_event(
     would produce (float for float fields, models for nested models) and values it would accept; a UUID
     field may be given as its text (it serialises so, and the text costs less). For events built from
     already-validated parts on the hot path; tests hold each caller byte-equal to the model."""
-    data = pydantic_core.to_json(fields).decode()
+    data = pydantic_core.to_json(fields, inf_nan_mode="null").decode()  # as the models' serializer
     return _enveloped(kind, topic, key, model.__name__, data, correlation_id, source_service)
 
 

@@ -42,10 +42,11 @@ ANSWERS = [
     Answer("Essay B", 'B: "quoted", \u00fcnicode\nand a newline.', 1.05, "m", TokenUsage()),
     Answer("Essay A", "x" * 500, 5.0, "claude-haiku-4-5", TokenUsage(prompt_tokens=7, reasoning_tokens=3)),
 ]
-COSTS: list[float] = [0, 0.0, 1.2e-05, 0.0123456789, 3.0, 1e-10]
+COSTS: list[float] = [0, 0.0, 1.2e-05, 0.0123456789, 3.0, 1e-10, float("inf")]
 METADATA: list[dict[str, Any]] = [
     {},
     {"essay_ids": [1, 2.5, None], "nested": {"\u00e9": True}, "cache": "miss", "attempts": 2},
+    {"odd_floats": [float("nan"), float("inf"), -float("inf"), -0.0, 1e300]},
 ]
 
 
@@ -81,7 +82,9 @@ def test_answered_result_is_byte_equal_to_the_validated_model(
 
 
 @pytest.mark.parametrize("job", JOBS)
-@pytest.mark.parametrize("cost", [Cost(0, True), Cost(0.0, False), Cost(2.5e-06, True), Cost(7, True)])
+@pytest.mark.parametrize(
+    "cost", [Cost(0, True), Cost(0.0, False), Cost(2.5e-06, True), Cost(7, True), Cost(float("inf"), True)]
+)
 @pytest.mark.parametrize(
     "started_at", [datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC), datetime(2026, 3, 4, 5, 6, 7, 89, tzinfo=UTC)]
 )
