@@ -36,6 +36,7 @@ JOBS = [
     _job(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)),
     _job(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2))), user_id="u-1"),
     _job(datetime(2026, 6, 30, 23, 59, 59, 1, tzinfo=UTC), user_id="u", organization_id='org "q"'),
+    _job(datetime(2026, 6, 30, 23, 59, 59, 120000)),  # an envelope timestamp without an offset
 ]
 ANSWERS = [
     Answer("Essay A", "A argues better.", 4, "gpt-4.1-mini", USAGE),  # an int confidence
