@@ -38,7 +38,8 @@ from redis.exceptions import RedisError
 
 from contracts import CachePolicy, TokenUsage
 from worker import metrics
-from worker.providers.base import SCHEMA_VERSION, Answer, ComparisonCall
+from worker.errors import ProviderError
+from worker.providers.base import SCHEMA_VERSION, Answer, ComparisonCall, parse_answer
 from worker.settings import CacheSettings
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ class CachedAnswer:
     @classmethod
     def from_bytes(cls, raw: bytes) -> CachedAnswer:
         winner, justification, confidence, model, usage, cost_usd, request_id, attempts = json.loads(raw)
-        answer = Answer(winner, justification, float(confidence), model, TokenUsage(**usage))
+        doc = {"winner": winner, "justification": justification, "confidence": confidence}
+        try:  # an Answer is valid wherever it is made: results are serialised without validating it again
+            answer = parse_answer(doc, str(model), TokenUsage(**usage), "cache")
+        except ProviderError as exc:
+            raise ValueError(exc.message) from exc
         return cls(answer, float(cost_usd), str(request_id), tuple(attempts))
 
 

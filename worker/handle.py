@@ -27,13 +27,13 @@ from contracts import (
 )
 from worker import metrics
 from worker.cache import AnswerCache, CachedAnswer, Layer
-from worker.emit import Emitter, Outgoing, make_dlq_record, make_event
+from worker.emit import Emitter, Outgoing, make_dlq_record, make_event, make_unchecked_event
 from worker.errors import RequestRejected
 from worker.logs import correlation_id_var, request_id_var
 from worker.orchestrate import Attempt, CallOutcome, Orchestrator
 from worker.outcomes import OutcomeStore
 from worker.pricing import Cost
-from worker.providers.base import ComparisonCall
+from worker.providers.base import Answer, ComparisonCall
 from worker.spend import SpendTracker, estimate_call_usd
 from worker.validate import Invalid, Job, Unparseable, decode_request
 
@@ -159,7 +159,7 @@ class Handler:
     ) -> tuple[CallOutcome, list[Outgoing]]:
         """Budget check, the provider call, spend accounting: the outcome and any cost alerts it raised."""
         request = job.request
-        if self.spend is not None:
+        if self.spend is not None and self.spend.has_budget(request.organization_id):
             try:
                 estimate = estimate_call_usd(self.orchestrator.prices, call)
                 await self.spend.check_budget(request.organization_id, estimate)
@@ -257,41 +257,41 @@ class Handler:
             details = {k: v for k, v in error.details.items() if k not in ("usage", "cache_write_tokens")}
             details.setdefault("provider", call.provider)
             detail = ErrorDetail.from_code(error.code, error.message, job.correlation_id, **details)
-        result = LLMComparisonResultV1(
-            request_id=job.request_id,
-            correlation_id=job.correlation_id,
-            winner=answer.winner if answer else None,
-            justification=answer.justification if answer else None,
-            confidence=answer.confidence if answer else None,
-            error_detail=detail,
-            provider=call.provider,
-            model=metadata["resolved_model"],
-            response_time_ms=elapsed_ms,
-            token_usage=answer.usage if answer else _last_usage(outcome),
-            cost_estimate=cost_usd,
-            requested_at=job.requested_at,
-            request_metadata=metadata,
-        )
-        src = self.service_name
-        messages = [make_event("result", job.callback_topic, job.request_id, result, job.correlation_id, src)]
-        for attempt in outcome.attempts:
-            if attempt.usage is None or attempt.cost is None:
-                continue
-            cost = LLMCostTrackingV1(
-                correlation_id=job.correlation_id,
-                request_id=job.request_id,
-                provider=attempt.provider,
-                model=attempt.model,
-                cost_estimate_usd=attempt.cost.usd,
-                token_usage=attempt.usage,
-                user_id=request.user_id,
-                organization_id=request.organization_id,
-                service_name=src,
-                request_timestamp=attempt.started_at,
-                response_time_ms=attempt.duration_ms,
+        src, cid, cid_text = self.service_name, job.correlation_id, str(job.correlation_id)
+        if answer is not None and detail is None:
+            # Answers are validated where they are made (parse_answer, the mock, the cache's decode), so
+            # the result is serialised without validating it again.
+            fields = _answered_result(job, cid_text, answer, call.provider, elapsed_ms, cost_usd, metadata)
+            result = make_unchecked_event(
+                "result", job.callback_topic, job.request_id, LLMComparisonResultV1, fields, cid_text, src
             )
-            key = request.organization_id or request.user_id
-            messages.append(make_event("cost", self.topics.cost_tracking, key, cost, job.correlation_id, src))
+        else:
+            model = LLMComparisonResultV1(
+                request_id=job.request_id,
+                correlation_id=cid,
+                winner=answer.winner if answer else None,
+                justification=answer.justification if answer else None,
+                confidence=answer.confidence if answer else None,
+                error_detail=detail,
+                provider=call.provider,
+                model=metadata["resolved_model"],
+                response_time_ms=elapsed_ms,
+                token_usage=answer.usage if answer else _last_usage(outcome),
+                cost_estimate=cost_usd,
+                requested_at=job.requested_at,
+                request_metadata=metadata,
+            )
+            result = make_event("result", job.callback_topic, job.request_id, model, cid, src)
+        messages = [result]
+        cost_key = request.organization_id or request.user_id
+        for attempt in outcome.attempts:
+            if attempt.usage is not None and attempt.cost is not None:
+                fields = _cost_tracking(job, cid_text, attempt, attempt.usage, attempt.cost, src)
+                messages.append(
+                    make_unchecked_event(
+                        "cost", self.topics.cost_tracking, cost_key, LLMCostTrackingV1, fields, cid_text, src
+                    )
+                )
         if detail is not None:
             failure = LLMProviderFailureV1(
                 request_id=job.request_id,
@@ -301,9 +301,7 @@ class Handler:
                 error_detail=detail,
                 attempts=len(outcome.attempts),
             )
-            messages.append(
-                make_event("failure", self.topics.failure, job.request_id, failure, job.correlation_id, src)
-            )
+            messages.append(make_event("failure", self.topics.failure, job.request_id, failure, cid, src))
         metrics.labelled(
             metrics.REQUESTS,
             "success" if answer else "failure",
@@ -444,6 +442,55 @@ def _attempts(cached: CachedAnswer) -> list[Attempt]:
             )
         )
     return out
+
+
+def _answered_result(
+    job: Job,
+    cid_text: str,
+    answer: Answer,
+    provider: str,
+    elapsed_ms: int,
+    cost_usd: float,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """LLMComparisonResultV1 of an answer, as make_unchecked_event takes it (every field, in order)."""
+    return {
+        "request_id": job.request_id,
+        "correlation_id": cid_text,
+        "winner": answer.winner,
+        "justification": answer.justification,
+        "confidence": float(answer.confidence),
+        "error_detail": None,
+        "provider": provider,
+        "model": metadata["resolved_model"],
+        "response_time_ms": elapsed_ms,
+        "token_usage": answer.usage,
+        "cost_estimate": float(cost_usd),
+        "requested_at": job.requested_at,
+        "completed_at": utc_now(),
+        "trace_id": None,
+        "request_metadata": metadata,
+    }
+
+
+def _cost_tracking(
+    job: Job, cid_text: str, attempt: Attempt, usage: TokenUsage, cost: Cost, service: str
+) -> dict[str, Any]:
+    """LLMCostTrackingV1 of one billed call, as make_unchecked_event takes it (every field, in order)."""
+    return {
+        "correlation_id": cid_text,
+        "request_id": job.request_id,
+        "provider": attempt.provider,
+        "model": attempt.model,
+        "request_type": "comparison",
+        "cost_estimate_usd": float(cost.usd),
+        "token_usage": usage,
+        "user_id": job.request.user_id,
+        "organization_id": job.request.organization_id,
+        "service_name": service,
+        "request_timestamp": attempt.started_at,
+        "response_time_ms": attempt.duration_ms,
+    }
 
 
 def _last_usage(outcome: CallOutcome) -> TokenUsage:

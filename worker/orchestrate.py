@@ -347,8 +347,11 @@ class Orchestrator:
         error: WorkerError | None = None
         started_at, t0 = utc_now(), time.perf_counter()
         try:
-            async with asyncio.timeout_at(_loop_deadline(deadline_s, self.clock)):
+            if deadline_s is None:
                 answer = await provider.compare(call)
+            else:
+                async with asyncio.timeout_at(_loop_deadline(deadline_s, self.clock)):
+                    answer = await provider.compare(call)
         except TimeoutError:
             error = RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for the provider")
         except WorkerError as exc:
@@ -437,9 +440,7 @@ def _billed_usage(error: WorkerError | None) -> TokenUsage | None:
     return None
 
 
-def _loop_deadline(deadline_s: float | None, clock: Callable[[], float]) -> float | None:
-    if deadline_s is None:
-        return None
+def _loop_deadline(deadline_s: float, clock: Callable[[], float]) -> float:
     return asyncio.get_running_loop().time() + (deadline_s - clock())
 
 

@@ -67,7 +67,10 @@ class Router:
         previous = self.latency_ewma_s.get(provider)
         a = self.ewma_alpha
         self.latency_ewma_s[provider] = latency_s if previous is None else a * latency_s + (1 - a) * previous
-        self._recent_s.setdefault(provider, deque(maxlen=200)).append(latency_s)
+        recent = self._recent_s.get(provider)
+        if recent is None:
+            recent = self._recent_s[provider] = deque(maxlen=200)
+        recent.append(latency_s)
 
     def latency_p95_s(self, provider: str, min_samples: int = 20) -> float | None:
         """p95 of the provider's last 200 call latencies; None until `min_samples` were seen."""

@@ -114,6 +114,10 @@ class SpendTracker:
         self._record = redis.register_script(_RECORD)
         self._sum = redis.register_script(_SUM)
 
+    def has_budget(self, organization_id: str | None) -> bool:
+        """Whether check_budget can refuse this organization's calls (so the estimate is worth making)."""
+        return self.settings.org_budget_usd is not None and organization_id is not None
+
     async def check_budget(self, organization_id: str | None, estimate_usd: float) -> None:
         """RequestRejected(COST_LIMIT_EXCEEDED) when this call would take the organization over budget."""
         budget = self.settings.org_budget_usd

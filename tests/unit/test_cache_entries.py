@@ -4,6 +4,9 @@ billed attempts needed to replay the call's cost events after a crash."""
 from __future__ import annotations
 
 import dataclasses
+import json
+
+import pytest
 
 from contracts import ErrorCode, TokenUsage, utc_now
 from worker.cache import CachedAnswer
@@ -43,3 +46,12 @@ def test_an_answer_from_a_fallback_provider_is_not_cached_under_the_asked_call()
 def test_an_answer_from_the_asked_provider_is_cached_when_named_as_answerer() -> None:
     outcome = CallOutcome(CALL, ANSWER, attempts=[attempt(0.001)], answered_by=CALL)
     assert _cacheable("req-1", (outcome, [])) is not None
+
+
+def test_a_stored_answer_that_would_not_pass_parse_answer_is_unreadable() -> None:
+    good = json.loads(CachedAnswer(Answer("Essay A", "why", 3.0, "m"), 0.0).to_bytes())
+    for field, value in ((0, "Essay C"), (1, "x" * 501), (2, 5.5), (4, {"prompt_tokens": -1})):
+        bad = list(good)
+        bad[field] = value
+        with pytest.raises(ValueError):
+            CachedAnswer.from_bytes(json.dumps(bad).encode())

@@ -54,3 +54,54 @@ def test_remembered_partitions_are_the_default_partitioners_choice() -> None:
         expected = DefaultPartitioner()(key, list(parts), list(parts))
         assert _partition_of(key, parts) == expected
         assert _partition_of(key, parts) == expected  # the remembered answer too
+
+
+def test_murmur2_matches_aiokafkas_for_every_length() -> None:
+    import random
+
+    from aiokafka.partitioner import murmur2 as reference
+
+    from worker.emit import murmur2
+
+    rnd = random.Random(7)
+    for length in range(0, 130):
+        for _ in range(10):
+            data = rnd.randbytes(length)
+            assert murmur2(data) == reference(data)
+
+
+def test_keyed_partitions_are_the_default_partitioners_choice() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from worker.emit import _partition
+
+    for n in (1, 6, 12):
+        parts = tuple(range(n))
+        for i in range(200):
+            key = f"b-{i}-\u00e9".encode()
+            assert _partition(key, parts) == DefaultPartitioner()(key, list(parts), list(parts))
+        assert _partition(None, parts) in parts
+
+
+def test_event_timestamps_are_written_as_isoformat_writes_them() -> None:
+    from datetime import UTC, datetime
+
+    from worker.emit import _Clock
+
+    clock = _Clock()
+    for t in (0.0, 1.5, 1.9999996, 1_700_000_000.25, 1_700_000_000.000001, 1_800_000_000.999999):
+        assert clock.iso_now(t) == datetime.fromtimestamp(t, UTC).isoformat()
+    assert datetime.fromisoformat(clock.iso_now()).tzinfo is not None
+
+
+def test_event_ids_are_distinct_version_4_uuids_across_refills() -> None:
+    from worker.emit import _RandomIds
+
+    ids = _RandomIds()
+    made = [ids.uuid4() for _ in range(1000)]  # four refills of the random pool
+    assert len(set(made)) == len(made)
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122

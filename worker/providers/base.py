@@ -47,7 +47,9 @@ class ComparisonCall:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A validated comparison from a provider."""
+    """A validated comparison from a provider. Valid wherever one is made (parse_answer for the real
+    providers, the mock by construction, CachedAnswer.from_bytes on decode): the result event of an answer
+    is serialised from it without validating it again (handle.py, make_unchecked_event)."""
 
     winner: Winner
     justification: str

@@ -20,10 +20,7 @@ _REASONS = (
 
 
 def _digest(call: ComparisonCall, seed: int) -> bytes:
-    h = hashlib.sha256()
-    for part in (str(seed), call.model, call.system_prompt, call.user_prompt):
-        h.update(part.encode())
-        h.update(b"\x00")
+    h = hashlib.sha256(f"{seed}\x00{call.model}\x00{call.system_prompt}\x00{call.user_prompt}\x00".encode())
     for block in call.prompt_blocks:
         h.update(block.target.encode() + b"\x00" + block.content.encode() + b"\x00")
     return h.digest()

@@ -1,0 +1,141 @@
+"""Events serialised without building their model are byte-equal to the validated model's JSON."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from contracts import LLMComparisonRequestV1, LLMComparisonResultV1, LLMCostTrackingV1, TokenUsage
+from worker import handle
+from worker.emit import Outgoing, make_event, make_unchecked_event
+from worker.orchestrate import Attempt
+from worker.pricing import Cost
+from worker.providers.base import Answer
+from worker.validate import Job
+
+COMPLETED_AT = datetime(2026, 11, 23, 1, 2, 3, 456789, tzinfo=UTC)
+USAGE = TokenUsage(prompt_tokens=1234, completion_tokens=56, total_tokens=1290, cached_tokens=1000)
+
+
+def _data(event: Outgoing) -> bytes:
+    _, _, rest = event.value.partition(b',"data":')
+    assert rest.endswith(b',"metadata":{}}')
+    return rest[: -len(b',"metadata":{}}')]
+
+
+def _job(requested_at: datetime, **request: Any) -> Job:
+    data = LLMComparisonRequestV1(user_prompt="Compare \u00e9ssays.", **request)
+    return Job(data, "req-\u00e9-1", uuid.uuid4(), requested_at, "results")
+
+
+JOBS = [
+    _job(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)),
+    _job(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2))), user_id="u-1"),
+    _job(datetime(2026, 6, 30, 23, 59, 59, 1, tzinfo=UTC), user_id="u", organization_id='org "q"'),
+    _job(datetime(2026, 6, 30, 23, 59, 59, 120000)),  # an envelope timestamp without an offset
+]
+ANSWERS = [
+    Answer("Essay A", "A argues better.", 4, "gpt-4.1-mini", USAGE),  # an int confidence
+    Answer("Essay B", 'B: "quoted", \u00fcnicode\nand a newline.', 1.05, "m", TokenUsage()),
+    Answer("Essay A", "x" * 500, 5.0, "claude-haiku-4-5", TokenUsage(prompt_tokens=7, reasoning_tokens=3)),
+]
+COSTS: list[float] = [0, 0.0, 1.2e-05, 0.0123456789, 3.0, 1e-10, float("inf")]
+METADATA: list[dict[str, Any]] = [
+    {},
+    {"essay_ids": [1, 2.5, None], "nested": {"\u00e9": True}, "cache": "miss", "attempts": 2},
+    {"odd_floats": [float("nan"), float("inf"), -float("inf"), -0.0, 1e300]},
+]
+
+
+@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("cost_usd", COSTS)
+@pytest.mark.parametrize("metadata", METADATA)
+def test_answered_result_is_byte_equal_to_the_validated_model(
+    monkeypatch: pytest.MonkeyPatch, job: Job, answer: Answer, cost_usd: float, metadata: dict[str, Any]
+) -> None:
+    monkeypatch.setattr(handle, "utc_now", lambda: COMPLETED_AT)
+    metadata = dict(metadata, resolved_model=answer.model)
+    cid = str(job.correlation_id)
+    fields = handle._answered_result(job, cid, answer, "openai", 17, cost_usd, metadata)
+    unchecked = make_unchecked_event("result", "t", job.request_id, LLMComparisonResultV1, fields, cid, "svc")
+    model = LLMComparisonResultV1(
+        request_id=job.request_id,
+        correlation_id=job.correlation_id,
+        winner=answer.winner,
+        justification=answer.justification,
+        confidence=answer.confidence,
+        provider="openai",
+        model=answer.model,
+        response_time_ms=17,
+        token_usage=answer.usage,
+        cost_estimate=cost_usd,
+        requested_at=job.requested_at,
+        completed_at=COMPLETED_AT,
+        request_metadata=metadata,
+    )
+    assert _data(unchecked) == model.model_dump_json().encode()
+    assert list(fields) == list(LLMComparisonResultV1.model_fields)
+
+
+@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize(
+    "cost", [Cost(0, True), Cost(0.0, False), Cost(2.5e-06, True), Cost(7, True), Cost(float("inf"), True)]
+)
+@pytest.mark.parametrize(
+    "started_at", [datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC), datetime(2026, 3, 4, 5, 6, 7, 89, tzinfo=UTC)]
+)
+def test_cost_tracking_is_byte_equal_to_the_validated_model(
+    job: Job, cost: Cost, started_at: datetime
+) -> None:
+    attempt = Attempt("anthropic", "claude-haiku-4-5", started_at, 842, USAGE, cost)
+    cid = str(job.correlation_id)
+    fields = handle._cost_tracking(job, cid, attempt, USAGE, cost, "llm_provider_service")
+    unchecked = make_unchecked_event(
+        "cost", "t", None, LLMCostTrackingV1, fields, cid, "llm_provider_service"
+    )
+    model = LLMCostTrackingV1(
+        correlation_id=job.correlation_id,
+        request_id=job.request_id,
+        provider=attempt.provider,
+        model=attempt.model,
+        cost_estimate_usd=cost.usd,
+        token_usage=USAGE,
+        user_id=job.request.user_id,
+        organization_id=job.request.organization_id,
+        service_name="llm_provider_service",
+        request_timestamp=started_at,
+        response_time_ms=842,
+    )
+    assert _data(unchecked) == model.model_dump_json().encode()
+    assert list(fields) == list(LLMCostTrackingV1.model_fields)
+
+
+def test_unchecked_and_validated_envelopes_differ_only_in_event_id_and_timestamp() -> None:
+    job, answer = JOBS[1], ANSWERS[0]
+    model = LLMCostTrackingV1(
+        correlation_id=job.correlation_id,
+        request_id=job.request_id,
+        provider="openai",
+        model=answer.model,
+        cost_estimate_usd=0.5,
+        token_usage=USAGE,
+        service_name='svc "q"',
+        request_timestamp=job.requested_at,
+        response_time_ms=3,
+    )
+    fields = model.model_dump()
+    fields["token_usage"] = USAGE
+    checked = json.loads(make_event("cost", "t", "k", model, job.correlation_id, 'svc "q"').value)
+    unchecked = json.loads(
+        make_unchecked_event(
+            "cost", "t", "k", LLMCostTrackingV1, fields, str(job.correlation_id), 'svc "q"'
+        ).value
+    )
+    for envelope in (checked, unchecked):
+        del envelope["event_id"], envelope["event_timestamp"]
+    assert checked == unchecked
