@@ -77,8 +77,9 @@ def _enveloped(
 
 
 class _Clock:
-    """datetime.now(UTC).isoformat() at under half its cost: the text up to the second is made once a
-    second. Microseconds are left out when zero, as isoformat() does (a test compares the two)."""
+    """The current UTC time as pydantic writes a datetime (`...T01:02:03.456789Z`, the fraction left out
+    when zero), as the envelope model would: at under half of datetime.now()'s cost, the text up to the
+    second is made once a second (a test compares the two)."""
 
     def __init__(self) -> None:
         self.second = -1
@@ -93,7 +94,7 @@ class _Clock:
         if second != self.second:
             self.second = second
             self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self.prefix}.{us:06d}+00:00" if us else f"{self.prefix}+00:00"
+        return f"{self.prefix}.{us:06d}Z" if us else f"{self.prefix}Z"
 
 
 _CLOCK = _Clock()

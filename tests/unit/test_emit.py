@@ -83,14 +83,16 @@ def test_keyed_partitions_are_the_default_partitioners_choice() -> None:
         assert _partition(None, parts) in parts
 
 
-def test_event_timestamps_are_written_as_isoformat_writes_them() -> None:
+def test_event_timestamps_are_written_as_the_envelope_model_writes_them() -> None:
     from datetime import UTC, datetime
+
+    from pydantic import TypeAdapter
 
     from worker.emit import _Clock
 
-    clock = _Clock()
+    clock, as_model = _Clock(), TypeAdapter(datetime)
     for t in (0.0, 1.5, 1.9999996, 1_700_000_000.25, 1_700_000_000.000001, 1_800_000_000.999999):
-        assert clock.iso_now(t) == datetime.fromtimestamp(t, UTC).isoformat()
+        assert clock.iso_now(t) == as_model.dump_json(datetime.fromtimestamp(t, UTC)).decode().strip('"')
     assert datetime.fromisoformat(clock.iso_now()).tzinfo is not None
 
 
