@@ -77,8 +77,9 @@ async def create_topics(kafka: KafkaSettings) -> None:
 
 
 async def _until_led(admin: AIOKafkaAdminClient, partitions: dict[str, int], timeout_s: float = 30) -> None:
-    """Wait until every partition of the new topics has a leader: a client using them at once otherwise
-    meets NotLeaderForPartition and backs off (seen as 100-300 ms stalls at the start of benchmarks)."""
+    """Wait until the metadata names a leader for every partition of the new topics. A client using them
+    at once may still meet NotLeaderForPartition for a moment (the leader takes the partition up a little
+    after the metadata says so); aiokafka retries that."""
     deadline = time.monotonic() + timeout_s
     while True:
         described = await admin.describe_topics(list(partitions))
