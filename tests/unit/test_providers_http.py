@@ -171,14 +171,18 @@ def test_a_non_json_error_body_is_still_classified_by_status() -> None:
     assert "Bad Gateway" in err.message
 
 
-async def test_an_httpx_timeout_is_timeout() -> None:
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [(httpx.ReadTimeout, ErrorCode.TIMEOUT), (httpx.ConnectError, ErrorCode.CONNECTION_ERROR)],
+)
+async def test_an_httpx_transport_failure_is_classified(failure: type[httpx.TransportError], code) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
+        raise failure("no answer", request=request)
 
     endpoint = HttpEndpoint(HttpxSender(httpx.MockTransport(handler), {}), "http://provider")
     with pytest.raises(ProviderError) as caught:
         await endpoint.post_json("openai", "/chat/completions", {})
-    assert caught.value.code is ErrorCode.TIMEOUT
+    assert caught.value.code is code
     assert caught.value.retryable is True
 
 
@@ -253,16 +257,6 @@ async def test_the_aiohttp_endpoint_posts_json_with_the_fixed_headers() -> None:
     assert request.headers["authorization"] == "Bearer k"
     assert request.headers["content-type"] == "application/json"
     assert request.body == {"model": "m", "messages": []}
-
-
-async def test_an_httpx_connection_failure_is_connection_error() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    endpoint = HttpEndpoint(HttpxSender(httpx.MockTransport(handler), {}), "http://provider")
-    with pytest.raises(ProviderError) as caught:
-        await endpoint.post_json("openai", "/chat/completions", {})
-    assert caught.value.code is ErrorCode.CONNECTION_ERROR
 
 
 @pytest.mark.parametrize(
