@@ -50,6 +50,7 @@ from worker.providers.openai import OpenAIProvider
 from worker.settings import ProviderSettings
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for bench.bench_worker, when run as a script
 MODEL = "gpt-4.1-mini"
 SERVER_PID: list[int] = []  # the fake server process, for its CPU time
 
@@ -90,6 +91,8 @@ def the_call(i: int) -> ComparisonCall:
 
 
 async def measure(name: str, one: Callable[[int], Awaitable[None]], seconds: float, in_flight: int) -> None:
+    from bench.bench_worker import _cpu_s
+
     """Keep `in_flight` calls running for `seconds`; count the ones that finish."""
     done = failed = 0
     end = time.perf_counter() + seconds
@@ -198,17 +201,10 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
         await wrapped_provider.aclose()
 
 
-def _cpu_s(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def end_to_end(base_url: str, n: int, in_flight: int, mock_ms: float | None = None) -> None:
     """With `mock_ms`, the same worker run on the mock provider at that latency instead of HTTP: the
     difference in worker CPU per request is what the HTTP path costs inside the worker."""
-    sys.path.insert(0, str(ROOT))
-    from bench.bench_worker import Topology, _payloads, _produce_all, _reader, _start, _stop
+    from bench.bench_worker import Topology, _cpu_s, _payloads, _produce_all, _reader, _start, _stop
 
     topo = Topology()
     await topo.create()

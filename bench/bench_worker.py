@@ -8,7 +8,7 @@ Scenarios (each run 3 times, median printed):
      (--warmup-seconds 0: measured from the topics' first record)
 
 Both the worker and the echo loop run as separate processes; this script produces the requests and reads
-the results. Usage: python bench/bench_worker.py [--runs 3] [--only A,B,C] [--n-a 15000] [--n-b 20000]
+the results. Usage: python bench/bench_worker.py [--runs 3] [--only A,B,C] [--n-a 15000] [--n-b 60000]
 """
 
 from __future__ import annotations
@@ -116,26 +116,36 @@ async def _produce_all(topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
         await producer.stop()
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def throughput(kind: str, n: int, extra_env: dict[str, str]) -> float:
-    """Pre-load n requests, start the process, measure results/s from first to last result."""
+    """Pre-load n requests, start the process, measure results/s from first to last result (and print
+    the process's CPU per result over the same span)."""
     topo = Topology()
     await topo.create()
     await _produce_all(topo.topics.comparison_request, _payloads(n))
     reader = await _reader(topo.topics.comparison_result)
     proc = _start(kind, topo, extra_env)
     try:
-        seen, first, last = 0, 0.0, 0.0
+        seen, first, last, cpu_first, cpu_last = 0, 0.0, 0.0, 0.0, 0.0
         deadline = time.monotonic() + 300
         while seen < n and time.monotonic() < deadline and proc.poll() is None:
             batch = await reader.getmany(timeout_ms=200)
             got = sum(len(r) for r in batch.values())
             if got:
-                now = time.perf_counter()
-                first = first or now
-                last = now
+                now, cpu = time.perf_counter(), _cpu_s(proc.pid)
+                if not first:
+                    first, cpu_first = now, cpu
+                last, cpu_last = now, cpu
                 seen += got
         if seen < n:
             raise RuntimeError(f"{kind}: only {seen}/{n} results")
+        us = (cpu_last - cpu_first) / (n - 1) * 1e6
+        print(f"  {kind}: {(n - 1) / (last - first):.0f}/s, {us:.0f} us CPU per message", file=sys.stderr)
         # Count from the first result: excludes process start-up and group join.
         return (n - 1) / (last - first)
     finally:
@@ -204,7 +214,9 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="A,B,C")
     parser.add_argument("--n-a", type=int, default=15000)
-    parser.add_argument("--n-b", type=int, default=20000)
+    # B: long enough for the echo loop to run ~5 s. At 20 000 requests it was done in under 2 s and its rate
+    # swung 8 900-11 200 msg/s with start-up; at 80 000 it gave 12 300-12 600 (the worker's barely moved).
+    parser.add_argument("--n-b", type=int, default=60000)
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--warmup-seconds", type=float, default=3, help="C: unmeasured stream first")

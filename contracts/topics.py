@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_PREFIX = "huleedu"
 
@@ -11,39 +11,33 @@ def topic_name(event: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.llm_provider.{event}.v1"
 
 
+_EVENTS = (
+    "comparison_request",
+    "comparison_result",
+    "failure",
+    "cache_hit",
+    "cost_tracking",
+    "cost_alert",
+    "dlq",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
-    """All topics of the service for one TOPIC_PREFIX."""
+    """All topics of the service for one TOPIC_PREFIX (named once: they are read per message)."""
 
     prefix: str = DEFAULT_PREFIX
+    comparison_request: str = field(init=False)
+    comparison_result: str = field(init=False)
+    failure: str = field(init=False)
+    cache_hit: str = field(init=False)
+    cost_tracking: str = field(init=False)
+    cost_alert: str = field(init=False)
+    dlq: str = field(init=False)
 
-    @property
-    def comparison_request(self) -> str:
-        return topic_name("comparison_request", self.prefix)
-
-    @property
-    def comparison_result(self) -> str:
-        return topic_name("comparison_result", self.prefix)
-
-    @property
-    def failure(self) -> str:
-        return topic_name("failure", self.prefix)
-
-    @property
-    def cache_hit(self) -> str:
-        return topic_name("cache_hit", self.prefix)
-
-    @property
-    def cost_tracking(self) -> str:
-        return topic_name("cost_tracking", self.prefix)
-
-    @property
-    def cost_alert(self) -> str:
-        return topic_name("cost_alert", self.prefix)
-
-    @property
-    def dlq(self) -> str:
-        return topic_name("dlq", self.prefix)
+    def __post_init__(self) -> None:
+        for event in _EVENTS:
+            object.__setattr__(self, event, topic_name(event, self.prefix))
 
     def all(self) -> list[str]:
         return [

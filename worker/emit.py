@@ -43,7 +43,7 @@ def make_event(
     """Serialise `data` in an EventEnvelope. The envelope's own fields are written directly around the
     data's JSON (same shape as `EventEnvelope[T].model_dump_json()`, checked by a test) so the hot path
     validates and serialises each event exactly once."""
-    data_json = data.model_dump_json()
+    data_json = type(data).__pydantic_serializer__.to_json(data)  # model_dump_json(), as bytes
     return _enveloped(kind, topic, key, type(data).__name__, data_json, str(correlation_id), source_service)
 
 
@@ -55,25 +55,42 @@ def make_unchecked_event(
     fields: dict[str, Any],
     correlation_id: str,
     source_service: str,
+    at: str | None = None,
 ) -> Outgoing:
     """make_event without building the model: `fields` are serialised as `model(**fields).model_dump_json()`
     would be, provided they hold every field of `model` in declaration order, with the types validation
     would produce (float for float fields, models for nested models) and values it would accept; a UUID
-    field may be given as its text (it serialises so, and the text costs less). For events built from
-    already-validated parts on the hot path; tests hold each caller byte-equal to the model."""
-    data = pydantic_core.to_json(fields, inf_nan_mode="null").decode()  # as the models' serializer
-    return _enveloped(kind, topic, key, model.__name__, data, correlation_id, source_service)
+    field may be given as its text (it serialises so, and the text costs less), and so may a datetime field
+    (as `now_text()` writes it). `at`: the envelope's timestamp, now_text() when not given. For events built
+    from already-validated parts on the hot path; tests hold each caller byte-equal to the model."""
+    data = pydantic_core.to_json(fields, inf_nan_mode="null")  # as the models' serializer
+    return _enveloped(kind, topic, key, model.__name__, data, correlation_id, source_service, at)
+
+
+def now_text() -> str:
+    """The current UTC time as the models write a datetime: for events made at one instant (`at`)."""
+    return _CLOCK.iso_now()
 
 
 def _enveloped(
-    kind: Kind, topic: str, key: str | None, event_type: str, data: str, cid: str, source: str
+    kind: Kind,
+    topic: str,
+    key: str | None,
+    event_type: str,
+    data: bytes,
+    cid: str,
+    source: str,
+    at: str | None = None,
 ) -> Outgoing:
-    value = (
-        f'{{"event_id":"{_IDS.uuid4()}","event_type":"{event_type}","event_timestamp":"{_CLOCK.iso_now()}",'
-        f'"source_service":{_json_str(source)},"schema_version":1,'
-        f'"correlation_id":"{cid}","data":{data},"metadata":{{}}}}'
-    ).encode()
-    return Outgoing(kind, topic, key, value, cid)
+    at = at or _CLOCK.iso_now()
+    head = (
+        f'{{"event_id":"{_IDS.uuid4()}","event_type":"{event_type}","event_timestamp":"{at}",'
+        f'"source_service":{_json_str(source)},"schema_version":1,"correlation_id":"{cid}","data":'
+    )
+    return Outgoing(kind, topic, key, b"".join((head.encode(), data, _TAIL)), cid)
+
+
+_TAIL = b',"metadata":{}}'
 
 
 class _Clock:
@@ -157,7 +174,9 @@ class Emitter:
         self._pump_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def publish(self, messages: list[Outgoing]) -> None:
+    async def publish(self, messages: list[Outgoing], after: asyncio.Future[None] | None = None) -> None:
+        """Send the messages and wait until Kafka acknowledged all of them. With `after`, they are sent
+        once that future is done (one wait for both), and not at all if it failed or was cancelled."""
         if not messages:
             return
         if self._pump_task is None:
@@ -165,9 +184,25 @@ class Emitter:
             self._pump_task = asyncio.create_task(self._pump())
         assert self._loop is not None
         waiter = _Waiter(self._loop.create_future(), len(messages))
+        if after is None:
+            self._enqueue(messages, waiter)
+        else:
+            after.add_done_callback(functools.partial(self._enqueue_after, messages, waiter))
+        await waiter.future
+
+    def _enqueue(self, messages: list[Outgoing], waiter: _Waiter) -> None:
         self._pending.extend([(m, waiter) for m in messages])
         self._wake.set()
-        await waiter.future
+
+    def _enqueue_after(self, messages: list[Outgoing], waiter: _Waiter, after: asyncio.Future[None]) -> None:
+        if waiter.future.done():  # the publisher was cancelled meanwhile
+            return
+        if after.cancelled():
+            waiter.future.cancel()
+        elif (exc := after.exception()) is not None:
+            waiter.fail(exc)
+        else:
+            self._enqueue(messages, waiter)
 
     async def _pump(self) -> None:
         while True:

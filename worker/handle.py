@@ -27,7 +27,7 @@ from contracts import (
 )
 from worker import metrics
 from worker.cache import AnswerCache, CachedAnswer, Layer
-from worker.emit import Emitter, Outgoing, make_dlq_record, make_event, make_unchecked_event
+from worker.emit import Emitter, Outgoing, make_dlq_record, make_event, make_unchecked_event, now_text
 from worker.errors import RequestRejected
 from worker.logs import correlation_id_var, request_id_var
 from worker.orchestrate import Attempt, CallOutcome, Orchestrator
@@ -73,8 +73,8 @@ class Handler:
             return
 
         messages = await self.process(job)
-        await self.outcomes.put(job.request_id, messages)
-        await self.emitter.publish(messages)
+        # Stored before published (one wait for both): a redelivery then never calls the provider again.
+        await self.emitter.publish(messages, after=self.outcomes.put_soon(job.request_id, messages))
         self.outcomes.mark_emitted_soon(job.request_id)
 
     async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
@@ -233,37 +233,50 @@ class Handler:
         ]
 
     def _events(self, job: Job, outcome: CallOutcome, elapsed_ms: int, cache: str) -> list[Outgoing]:
-        call, answer, error = outcome.call, outcome.answer, outcome.error
+        call, answer, error, attempts = outcome.call, outcome.answer, outcome.error, outcome.attempts
         request = job.request
-        metadata = dict(request.metadata)
-        metadata.update(
-            prompt_sha256=hashlib.sha256(request.user_prompt.encode()).hexdigest(),
-            resolved_provider=call.provider,
-            resolved_model=answer.model if answer else call.model,
-            cache=cache,
-            attempts=len(outcome.attempts),
-        )
+        metadata = {
+            **request.metadata,
+            "prompt_sha256": hashlib.sha256(request.user_prompt.encode()).hexdigest(),
+            "resolved_provider": call.provider,
+            "resolved_model": answer.model if answer else call.model,
+            "cache": cache,
+            "attempts": len(attempts),
+        }
         if outcome.answered_by is not None and outcome.answered_by.provider != call.provider:
             metadata.update(
                 answered_by_provider=outcome.answered_by.provider,
                 answered_by_model=answer.model if answer else outcome.answered_by.model,
-                attempted_providers=list(dict.fromkeys(a.provider for a in outcome.attempts)),
+                attempted_providers=list(dict.fromkeys(a.provider for a in attempts)),
             )
-        cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
-        if any(a.cost and not a.cost.price_known for a in outcome.attempts):
+        cost_usd, price_known = 0.0, True
+        for a in attempts:
+            if a.cost:
+                cost_usd += a.cost.usd
+                price_known = price_known and a.cost.price_known
+        if not price_known:
             metadata["price_known"] = False
         detail = None
         if error is not None:
             details = {k: v for k, v in error.details.items() if k not in ("usage", "cache_write_tokens")}
             details.setdefault("provider", call.provider)
             detail = ErrorDetail.from_code(error.code, error.message, job.correlation_id, **details)
-        src, cid, cid_text = self.service_name, job.correlation_id, str(job.correlation_id)
+        src, cid, cid_text, now = self.service_name, job.correlation_id, str(job.correlation_id), now_text()
         if answer is not None and detail is None:
             # Answers are validated where they are made (parse_answer, the mock, the cache's decode), so
             # the result is serialised without validating it again.
-            fields = _answered_result(job, cid_text, answer, call.provider, elapsed_ms, cost_usd, metadata)
+            fields = _answered_result(
+                job, cid_text, answer, call.provider, elapsed_ms, cost_usd, metadata, now
+            )
             result = make_unchecked_event(
-                "result", job.callback_topic, job.request_id, LLMComparisonResultV1, fields, cid_text, src
+                "result",
+                job.callback_topic,
+                job.request_id,
+                LLMComparisonResultV1,
+                fields,
+                cid_text,
+                src,
+                now,
             )
         else:
             model = LLMComparisonResultV1(
@@ -284,12 +297,19 @@ class Handler:
             result = make_event("result", job.callback_topic, job.request_id, model, cid, src)
         messages = [result]
         cost_key = request.organization_id or request.user_id
-        for attempt in outcome.attempts:
+        for attempt in attempts:
             if attempt.usage is not None and attempt.cost is not None:
                 fields = _cost_tracking(job, cid_text, attempt, attempt.usage, attempt.cost, src)
                 messages.append(
                     make_unchecked_event(
-                        "cost", self.topics.cost_tracking, cost_key, LLMCostTrackingV1, fields, cid_text, src
+                        "cost",
+                        self.topics.cost_tracking,
+                        cost_key,
+                        LLMCostTrackingV1,
+                        fields,
+                        cid_text,
+                        src,
+                        now,
                     )
                 )
         if detail is not None:
@@ -299,7 +319,7 @@ class Handler:
                 provider=call.provider,
                 model=call.model,
                 error_detail=detail,
-                attempts=len(outcome.attempts),
+                attempts=len(attempts),
             )
             messages.append(make_event("failure", self.topics.failure, job.request_id, failure, cid, src))
         metrics.labelled(
@@ -452,8 +472,10 @@ def _answered_result(
     elapsed_ms: int,
     cost_usd: float,
     metadata: dict[str, Any],
+    completed_at: str,
 ) -> dict[str, Any]:
-    """LLMComparisonResultV1 of an answer, as make_unchecked_event takes it (every field, in order)."""
+    """LLMComparisonResultV1 of an answer, as make_unchecked_event takes it (every field, in order);
+    `completed_at` as now_text() writes it."""
     return {
         "request_id": job.request_id,
         "correlation_id": cid_text,
@@ -467,7 +489,7 @@ def _answered_result(
         "token_usage": answer.usage,
         "cost_estimate": float(cost_usd),
         "requested_at": job.requested_at,
-        "completed_at": utc_now(),
+        "completed_at": completed_at,
         "trace_id": None,
         "request_metadata": metadata,
     }

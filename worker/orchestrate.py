@@ -14,11 +14,13 @@ breaker moves the request to the next provider of the chain, at that provider's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
@@ -33,7 +35,7 @@ from worker.routing import Router, Strategy, provider_for_model
 from worker.settings import Settings
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see providers/base.py, ComparisonCall
 class Attempt:
     """One real provider call, billed or not."""
 
@@ -183,6 +185,8 @@ class Orchestrator:
         )
 
     def _pick_default(self) -> str:
+        if not self.fallback.chain:  # the only candidate, configured or not
+            return self.default_provider
         names = dict.fromkeys((self.default_provider, *self.fallback.chain))
         eligible = [(p, self.providers[p].default_model) for p in names if p in self.providers]
         return self.router.order(eligible)[0][0] if eligible else self.default_provider
@@ -393,9 +397,10 @@ class Orchestrator:
         duration_s: float,
         outcome: CallOutcome,
     ) -> None:
-        metrics.labelled(metrics.PROVIDER_LATENCY, call.provider).observe(duration_s)
-        metrics.labelled(metrics.PROVIDER_CALLS, call.provider, "ok" if answer else "error").inc()
-        metrics.labelled(metrics.ATTEMPTS, call.provider, "call").inc()
+        latency, calls_ok, calls_error, attempts = _call_metrics(call.provider)
+        latency.observe(duration_s)
+        (calls_ok if answer else calls_error).inc()
+        attempts.inc()
         model = answer.model if answer else call.model
         written = (
             answer.cache_write_tokens
@@ -426,6 +431,17 @@ class Orchestrator:
             await self.limiter.aclose()
         for provider in self.providers.values():
             await provider.aclose()
+
+
+@functools.cache
+def _call_metrics(provider: str) -> tuple[Histogram, Counter, Counter, Counter]:
+    """A provider's per-call metric children: latency, calls ok, calls failed, attempts of kind "call"."""
+    return (
+        metrics.labelled(metrics.PROVIDER_LATENCY, provider),
+        metrics.labelled(metrics.PROVIDER_CALLS, provider, "ok"),
+        metrics.labelled(metrics.PROVIDER_CALLS, provider, "error"),
+        metrics.labelled(metrics.ATTEMPTS, provider, "call"),
+    )
 
 
 def _exception(rs: RetryCallState) -> BaseException | None:

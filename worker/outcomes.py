@@ -77,7 +77,7 @@ class OutcomeStore:
         self.emitted_prefix = f"{prefix}:emitted:"
         self.ttl_s = ttl_s
         self._gets: list[tuple[str, asyncio.Future[Any]]] = []
-        self._sets: list[tuple[str, bytes, asyncio.Future[Any]]] = []
+        self._sets: list[tuple[str, bytes, asyncio.Future[None], str]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._marking: set[asyncio.Future[Any]] = set()
 
@@ -98,7 +98,11 @@ class OutcomeStore:
 
     async def put(self, request_id: str, messages: list[Outgoing]) -> None:
         """Store the events before publishing them."""
-        await self._set("put", self.prefix + request_id, encode_outcome(messages))
+        await self.put_soon(request_id, messages)
+
+    def put_soon(self, request_id: str, messages: list[Outgoing]) -> asyncio.Future[None]:
+        """put() as a future to publish after (Emitter.publish(after=...)) instead of awaiting it."""
+        return self._set("put", self.prefix + request_id, encode_outcome(messages))
 
     async def mark_emitted(self, request_id: str) -> None:
         await self._set("mark_emitted", self.emitted_prefix + request_id, b"1")
@@ -107,14 +111,14 @@ class OutcomeStore:
         """mark_emitted without waiting: the offset need not wait for it. Until it lands a redelivery
         re-sends every event with its original event id (as after a crash between publish and mark), and
         once the offset is committed there is no redelivery. aclose() waits for the ones still going."""
-        future = self._enqueue_set(self.emitted_prefix + request_id, b"1")
+        future = self._set("mark_emitted", self.emitted_prefix + request_id, b"1")
         self._marking.add(future)
         future.add_done_callback(self._marked)
 
-    def _marked(self, future: asyncio.Future[Any]) -> None:
+    def _marked(self, future: asyncio.Future[None]) -> None:
         self._marking.discard(future)
-        if not future.cancelled() and isinstance(exc := future.exception(), RedisError | OSError):
-            self._degraded("mark_emitted", exc)
+        if not future.cancelled():
+            future.exception()  # retrieved: an unexpected error was already on the batch's reply
 
     async def aclose(self) -> None:
         """Wait for the emitted markers still on their way, then close the batch's connection."""
@@ -122,18 +126,14 @@ class OutcomeStore:
             await asyncio.wait(self._marking)
         await self.batch.aclose()
 
-    async def _set(self, op: str, key: str, value: bytes) -> None:
-        try:
-            await self._enqueue_set(key, value)
-        except (RedisError, OSError) as exc:
-            self._degraded(op, exc)
-
-    def _enqueue_set(self, key: str, value: bytes) -> asyncio.Future[Any]:
+    def _set(self, op: str, key: str, value: bytes) -> asyncio.Future[None]:
+        """Queue a SET for this turn's script call. The future is done when Redis stored it, or when it
+        could not (Redis down: counted as degraded, at-least-once only); cancelled if the batch was."""
         loop = self._running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[None] = loop.create_future()
         if not self._sets:
             loop.call_soon(self._flush_sets)
-        self._sets.append((key, value, future))
+        self._sets.append((key, value, future, op))
         return future
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -150,10 +150,27 @@ class OutcomeStore:
 
     def _flush_sets(self) -> None:
         sets, self._sets = self._sets, []
-        keys = [key for key, _, _ in sets]
-        values = [value for _, value, _ in sets]
+        keys = [key for key, _, _, _ in sets]
+        values = [value for _, value, _, _ in sets]
         reply = self.batch.submit("EVAL", _SET_ALL, len(keys), *keys, *values, self.ttl_s)
-        reply.add_done_callback(partial(_hand_out_sets, [f for _, _, f in sets]))
+        reply.add_done_callback(partial(self._hand_out_sets, sets))
+
+    def _hand_out_sets(
+        self, sets: list[tuple[str, bytes, asyncio.Future[None], str]], reply: asyncio.Future[Any]
+    ) -> None:
+        exc = None if reply.cancelled() else reply.exception()
+        for _, _, future, op in sets:
+            if future.done():
+                continue
+            if reply.cancelled():
+                future.cancel()
+                continue
+            if isinstance(exc, RedisError | OSError):
+                self._degraded(op, exc)
+            elif exc is not None:
+                future.set_exception(exc)
+                continue
+            future.set_result(None)
 
     def _degraded(self, op: str, exc: Exception) -> None:
         metrics.labelled(metrics.IDEMPOTENCY_DEGRADED, op).inc()
@@ -169,17 +186,6 @@ def _hand_out_gets(gets: list[tuple[str, asyncio.Future[Any]]], reply: asyncio.F
             _fail(future, reply)
         else:
             future.set_result((values[2 * i], values[2 * i + 1]))
-
-
-def _hand_out_sets(futures: list[asyncio.Future[Any]], reply: asyncio.Future[Any]) -> None:
-    ok = not reply.cancelled() and reply.exception() is None
-    for future in futures:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(None)
-        else:
-            _fail(future, reply)
 
 
 def _fail(future: asyncio.Future[Any], reply: asyncio.Future[Any]) -> None:

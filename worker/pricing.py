@@ -22,7 +22,7 @@ class ModelPrice:
     cache_write: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see providers/base.py, ComparisonCall
 class Cost:
     usd: float
     price_known: bool

@@ -20,7 +20,7 @@ RequestEnvelope = EventEnvelope[LLMComparisonRequestV1]
 _PROVIDERS = frozenset(p.value for p in ProviderName)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see ComparisonCall
 class Job:
     """A valid request, ready to process."""
 

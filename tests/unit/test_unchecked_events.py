@@ -11,7 +11,7 @@ import pytest
 
 from contracts import LLMComparisonRequestV1, LLMComparisonResultV1, LLMCostTrackingV1, TokenUsage
 from worker import handle
-from worker.emit import Outgoing, make_event, make_unchecked_event
+from worker.emit import Outgoing, _Clock, make_event, make_unchecked_event
 from worker.orchestrate import Attempt
 from worker.pricing import Cost
 from worker.providers.base import Answer
@@ -58,10 +58,10 @@ METADATA: list[dict[str, Any]] = [
 def test_answered_result_is_byte_equal_to_the_validated_model(
     monkeypatch: pytest.MonkeyPatch, job: Job, answer: Answer, cost_usd: float, metadata: dict[str, Any]
 ) -> None:
-    monkeypatch.setattr(handle, "utc_now", lambda: COMPLETED_AT)
     metadata = dict(metadata, resolved_model=answer.model)
     cid = str(job.correlation_id)
-    fields = handle._answered_result(job, cid, answer, "openai", 17, cost_usd, metadata)
+    completed_at = _Clock().iso_now(COMPLETED_AT.timestamp())  # as now_text() writes it
+    fields = handle._answered_result(job, cid, answer, "openai", 17, cost_usd, metadata, completed_at)
     unchecked = make_unchecked_event("result", "t", job.request_id, LLMComparisonResultV1, fields, cid, "svc")
     model = LLMComparisonResultV1(
         request_id=job.request_id,

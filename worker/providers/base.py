@@ -30,7 +30,10 @@ COMPARISON_SCHEMA: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+# The per-request value objects (ComparisonCall, Answer, Job, Attempt, Cost) are treated as immutable but not
+# declared frozen: a frozen dataclass sets each field through object.__setattr__, about 1.1 us more per
+# object (8 fields: 1.41 against 0.29 us), several times per request on the hot path.
+@dataclass(slots=True)
 class ComparisonCall:
     """What one provider call is asked: everything that changes the answer, nothing that doesn't."""
 
@@ -45,7 +48,7 @@ class ComparisonCall:
     output_verbosity: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see ComparisonCall
 class Answer:
     """A validated comparison from a provider. Valid wherever one is made (parse_answer for the real
     providers, the mock by construction, CachedAnswer.from_bytes on decode): the result event of an answer
