@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
 
 from tests.conftest import free_port, make_settings, request_envelope, running_worker
@@ -31,11 +33,21 @@ async def test_redelivered_request_replays_its_result_without_a_second_call_or_c
 async def test_outcome_store_without_redis_degrades_to_at_least_once() -> None:
     redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
     store = OutcomeStore(redis, "nowhere", ttl_s=60)
-    before = metrics.IDEMPOTENCY_DEGRADED.labels("get")._value.get()
+    ops = ("get", "put", "mark_emitted")
+    before = {op: metrics.IDEMPOTENCY_DEGRADED.labels(op)._value.get() for op in ops}
     try:
         assert await store.get("r1") is None
         await store.put("r1", [Outgoing("result", "t", "r1", b"{}", "c")])
+        # The future a publish waits on resolves (the events still go out), it does not fail.
+        await asyncio.wait_for(store.put_soon("r2", [Outgoing("result", "t", "r2", b"{}", "c")]), 5)
         await store.mark_emitted("r1")
+        store.mark_emitted_soon("r2")
+        await store.aclose()
     finally:
         await redis.aclose()
-    assert metrics.IDEMPOTENCY_DEGRADED.labels("get")._value.get() == before + 1
+    after = {op: metrics.IDEMPOTENCY_DEGRADED.labels(op)._value.get() for op in ops}
+    assert after == {
+        "get": before["get"] + 1,
+        "put": before["put"] + 2,
+        "mark_emitted": before["mark_emitted"] + 2,
+    }

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from typing import Any
+
+import pytest
 
 from contracts import EventEnvelope, LLMCostAlertV1
 from worker.emit import Outgoing, make_event
@@ -107,3 +111,73 @@ def test_event_ids_are_distinct_version_4_uuids_across_refills() -> None:
         assert str(parsed) == text
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
+
+
+class _Producer:
+    """The producer surface the Emitter uses: metadata, batches, send_batch (acknowledged at once)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.client = self
+        self.cluster = self
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    def create_batch(self) -> Any:
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(512 * 1024, 0)
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        from aiokafka.record.default_records import DefaultRecordBatch
+
+        self.sent += [record.value for record in DefaultRecordBatch(batch._build())]
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
+
+
+def _events(n: int) -> list[Outgoing]:
+    return [Outgoing("result", "t", f"r{i}", f"v{i}".encode(), "c") for i in range(n)]
+
+
+async def test_publish_after_a_future_sends_only_once_it_is_done() -> None:
+    from worker.emit import Emitter
+
+    producer = _Producer()
+    emitter, stored = Emitter(producer), asyncio.get_running_loop().create_future()  # type: ignore[arg-type]
+    publishing = asyncio.create_task(emitter.publish(_events(2), after=stored))
+    await asyncio.sleep(0.01)
+    assert producer.sent == [] and not publishing.done()
+    stored.set_result(None)
+    await asyncio.wait_for(publishing, 1)
+    assert sorted(producer.sent) == [b"v0", b"v1"]
+    await emitter.aclose()
+
+
+@pytest.mark.parametrize("how", ["failed", "cancelled", "publisher cancelled"])
+async def test_publish_after_a_future_that_fails_or_is_cancelled_sends_nothing(how: str) -> None:
+    from worker.emit import Emitter
+
+    producer = _Producer()
+    emitter, stored = Emitter(producer), asyncio.get_running_loop().create_future()  # type: ignore[arg-type]
+    publishing = asyncio.create_task(emitter.publish(_events(2), after=stored))
+    await asyncio.sleep(0)
+    if how == "failed":
+        stored.set_exception(RuntimeError("store broke"))
+        with pytest.raises(RuntimeError, match="store broke"):
+            await publishing
+    elif how == "cancelled":
+        stored.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await publishing
+    else:
+        publishing.cancel()
+        await asyncio.sleep(0)
+        stored.set_result(None)
+        with pytest.raises(asyncio.CancelledError):
+            await publishing
+    await asyncio.sleep(0.01)
+    assert producer.sent == []
+    await emitter.aclose()
