@@ -1,6 +1,6 @@
 """Idempotent redelivery: the terminal outcome of each request, stored in Redis under its request_id.
 
-Order per request: put(outcome events) -> publish them -> mark_emitted -> offset may be committed.
+Order per request: put_soon(outcome events) -> publish them -> mark_emitted -> offset may be committed.
 A redelivered request finds its record: if it was emitted, only the result is re-sent (no second
 cost-tracking event); if the crash came between put and mark_emitted, everything is sent again with the
 same event ids, so consumers can drop the copy. With Redis down the store answers "unknown" and the worker
@@ -96,12 +96,8 @@ class OutcomeStore:
             return None
         return StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
 
-    async def put(self, request_id: str, messages: list[Outgoing]) -> None:
-        """Store the events before publishing them."""
-        await self.put_soon(request_id, messages)
-
     def put_soon(self, request_id: str, messages: list[Outgoing]) -> asyncio.Future[None]:
-        """put() as a future to publish after (Emitter.publish(after=...)) instead of awaiting it."""
+        """Store the events; the future to publish them after (Emitter.publish(after=...))."""
         return self._set("put", self.prefix + request_id, encode_outcome(messages))
 
     async def mark_emitted(self, request_id: str) -> None:

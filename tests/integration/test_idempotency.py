@@ -37,7 +37,7 @@ async def test_outcome_store_without_redis_degrades_to_at_least_once() -> None:
     before = {op: metrics.IDEMPOTENCY_DEGRADED.labels(op)._value.get() for op in ops}
     try:
         assert await store.get("r1") is None
-        await store.put("r1", [Outgoing("result", "t", "r1", b"{}", "c")])
+        await store.put_soon("r1", [Outgoing("result", "t", "r1", b"{}", "c")])
         # The future a publish waits on resolves (the events still go out), it does not fail.
         await asyncio.wait_for(store.put_soon("r2", [Outgoing("result", "t", "r2", b"{}", "c")]), 5)
         await store.mark_emitted("r1")
