@@ -48,18 +48,6 @@ def test_outcome_records_of_the_earlier_json_format_still_decode() -> None:
     assert (m.kind, m.topic, m.key, m.value, m.correlation_id) == ("result", "t", "k", b'{"a": 1}', "c")
 
 
-def test_remembered_partitions_are_the_default_partitioners_choice() -> None:
-    from aiokafka.partitioner import DefaultPartitioner
-
-    from worker.emit import _partition_of
-
-    parts = tuple(range(12))
-    for key in (b"org-1", b"org-2", b"user-\xc3\xa9", b"x" * 37):
-        expected = DefaultPartitioner()(key, list(parts), list(parts))
-        assert _partition_of(key, parts) == expected
-        assert _partition_of(key, parts) == expected  # the remembered answer too
-
-
 def test_murmur2_matches_aiokafkas_for_every_length() -> None:
     import random
 
@@ -74,17 +62,33 @@ def test_murmur2_matches_aiokafkas_for_every_length() -> None:
             assert murmur2(data) == reference(data)
 
 
-def test_keyed_partitions_are_the_default_partitioners_choice() -> None:
+def test_keyed_events_go_to_the_default_partitioners_choice_keyless_ones_stick_to_one() -> None:
     from aiokafka.partitioner import DefaultPartitioner
 
-    from worker.emit import _partition
+    from worker.emit import Emitter, _Waiter
 
-    for n in (1, 6, 12):
-        parts = tuple(range(n))
-        for i in range(200):
-            key = f"b-{i}-\u00e9".encode()
-            assert _partition(key, parts) == DefaultPartitioner()(key, list(parts), list(parts))
-        assert _partition(None, parts) in parts
+    class Cluster:
+        def partitions_for_topic(self, topic: str) -> set[int] | None:
+            return set(range(12)) if topic != "unknown" else None
+
+    producer = type("P", (), {"client": type("C", (), {"cluster": Cluster()})()})()
+    waiter = _Waiter(None, 0)  # type: ignore[arg-type]
+    keys = [f"b-{i}-\u00e9" for i in range(200)]
+    pending = [(Outgoing("result", "t", k, b"v", "c"), waiter) for k in keys]
+    pending += [(Outgoing("cost", "cost", None, b"v", "c"), waiter) for _ in range(50)]
+    pending += [(Outgoing("result", "unknown", "k", b"v", "c"), waiter)]
+    groups = Emitter(producer)._group(pending)  # type: ignore[arg-type]
+
+    parts = list(range(12))
+    for (topic, partition), items in groups.items():
+        if topic == "t":
+            for m, key, _ in items:
+                assert key == m.key.encode() and partition == DefaultPartitioner()(key, parts, parts)
+    assert sum(len(items) for (topic, _), items in groups.items() if topic == "t") == 200
+    assert len({p for t, p in groups if t == "t"}) == 12  # 200 keys reach every partition
+    [keyless] = [p for t, p in groups if t == "cost"]
+    assert 0 <= keyless < 12 and len(groups["cost", keyless]) == 50  # one partition, one batch
+    assert [key for _, key, _ in groups["unknown", -1]] == [b"k"]  # sent through send(), which waits
 
 
 def test_event_timestamps_are_written_as_the_envelope_model_writes_them() -> None:
