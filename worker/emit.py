@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import random
@@ -142,13 +143,24 @@ def _json_str(text: str) -> str:
     return json.dumps(text)
 
 
+# Raw bytes kept in a DLQ record: base64 makes them a third larger, and the record must stay under Kafka's
+# default message limit (1 MB, broker and producer) whatever value came in, or the DLQ publish could never
+# land and the partition's watermark would wait for it forever. (Headers are copied whole.)
+DLQ_RAW_MAX_BYTES = 512 * 1024
+
+
 def make_dlq_record(
     topic: str, raw: bytes | None, error: str, headers: list[tuple[str, bytes]], source: dict[str, Any]
 ) -> Outgoing:
-    """A DLQ record: raw bytes base64, the parse error, the original headers, where it came from."""
+    """A DLQ record: the raw bytes base64 (the first DLQ_RAW_MAX_BYTES of them; their full length and
+    SHA-256 alongside), the parse error, the original headers, where it came from."""
+    raw = raw or b""
     body = {
         "error": error,
-        "raw_base64": base64.b64encode(raw or b"").decode(),
+        "raw_base64": base64.b64encode(raw[:DLQ_RAW_MAX_BYTES]).decode(),
+        "raw_bytes": len(raw),
+        "raw_truncated": len(raw) > DLQ_RAW_MAX_BYTES,
+        "raw_sha256": hashlib.sha256(raw).hexdigest(),
         "headers": [[k, base64.b64encode(v or b"").decode()] for k, v in headers],
         "source": source,
     }

@@ -4,6 +4,8 @@ messages, backpressure. Assertions are on events and committed offsets, not on t
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import signal
 from collections import Counter, defaultdict
 from datetime import timedelta
@@ -325,3 +327,27 @@ async def test_a_failing_dlq_publish_is_retried_until_it_lands_and_the_offset_th
     finally:
         loop.stop()
         await task
+
+
+async def test_a_poison_message_too_large_to_dead_letter_whole_still_reaches_the_dlq_and_finishes(
+    prefix, topics_for, kafka_for
+):
+    # 900 kB of garbage fits the broker's 1 MB limit; base64 in a DLQ record would not (1.2 MB).
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    raw = b"\x00" + bytes(range(256)) * 3515
+    async with running_worker(settings) as runtime:
+        await kafka.send_raw(raw)
+        env = request_envelope()
+        await kafka.send(env)
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 2}
+    assert result["data"]["request_id"] == env.data.request_id
+    assert dlq["error"] == "not JSON"
+    assert dlq["raw_bytes"] == len(raw) and dlq["raw_truncated"] is True
+    assert dlq["raw_sha256"] == hashlib.sha256(raw).hexdigest()
+    kept = base64.b64decode(dlq["raw_base64"])
+    assert 0 < len(kept) < len(raw) and raw.startswith(kept)

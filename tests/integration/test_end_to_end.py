@@ -66,6 +66,7 @@ async def test_unparseable_message_goes_to_dlq_and_the_next_request_completes(
     assert result["data"]["request_id"] == env.data.request_id
     assert base64.b64decode(dlq[0]["raw_base64"]) == b"\x00not json at all"
     assert dlq[0]["error"] == "not JSON"
+    assert (dlq[0]["raw_bytes"], dlq[0]["raw_truncated"]) == (len(b"\x00not json at all"), False)
     assert ["correlation_id", base64.b64encode(cid.encode()).decode()] in dlq[0]["headers"]
     assert dlq[1]["error"].startswith("not an envelope")
     assert failures[0]["correlation_id"] == cid
