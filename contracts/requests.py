@@ -9,6 +9,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 MAX_PROMPT_CHARS = 200_000
 MAX_BLOCKS = 32
+#: A legal Kafka topic name: letters, digits, '.', '_', '-', but not "." or "..".
+TOPIC_NAME_PATTERN = r"^([a-zA-Z0-9._-]*[a-zA-Z0-9_-][a-zA-Z0-9._-]*|\.{3,})$"
 
 
 class ProviderName(StrEnum):
@@ -69,7 +71,10 @@ class LLMComparisonRequestV1(BaseModel):
         default=None, max_length=MAX_BLOCKS, description="Structured prompt pieces (prompt caching)."
     )
     callback_topic: str | None = Field(
-        default=None, max_length=249, description="Topic for the result; default the result topic."
+        default=None,
+        max_length=249,
+        pattern=TOPIC_NAME_PATTERN,
+        description="Topic for the result (a legal Kafka topic name); default the result topic.",
     )
     llm_config_overrides: LLMConfigOverrides | None = Field(
         default=None, description="Per-request overrides."

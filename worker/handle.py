@@ -92,7 +92,26 @@ class Handler:
             err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
             outcome = CallOutcome(call, error=err)
             messages += self._events(job, outcome, 0, cache="miss")
-        await self.emitter.publish(messages)
+        try:
+            await self.emitter.publish(messages)
+        except Exception as exc:
+            if job is None or job.callback_topic == self.topics.comparison_result:
+                raise  # retried by the consumer until Kafka takes it
+            # The request's own callback topic may be what failed (missing, refused): it must not hold the
+            # partition. The result goes to the default result topic instead, with the DLQ record.
+            log.warning(
+                "publish failed; result sent to the default result topic",
+                extra={"callback_topic": job.callback_topic, "error": repr(exc)},
+            )
+            default = self.topics.comparison_result
+            await self.emitter.publish(
+                [
+                    Outgoing(m.kind, default, m.key, m.value, m.correlation_id)
+                    if m.topic == job.callback_topic
+                    else m
+                    for m in messages
+                ]
+            )
 
     async def process(self, job: Job) -> list[Outgoing]:
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ Invalid: an envelope whose data violates the request schema -> VALIDATION_ERROR 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,9 +16,11 @@ from uuid import UUID
 from pydantic import ValidationError
 
 from contracts import EventEnvelope, LLMComparisonRequestV1, ProviderName
+from contracts.requests import TOPIC_NAME_PATTERN
 
 RequestEnvelope = EventEnvelope[LLMComparisonRequestV1]
 _PROVIDERS = frozenset(p.value for p in ProviderName)
+_TOPIC_NAME = re.compile(TOPIC_NAME_PATTERN)
 
 
 @dataclass(slots=True)  # not frozen: see ComparisonCall
@@ -106,6 +109,9 @@ def _explain(
         reason=f"invalid request fields: {', '.join(fields)}",
         correlation_id=correlation_id,
         request_id=request_id if isinstance(request_id, str) and request_id else str(doc.get("event_id", "")),
-        callback_topic=callback if isinstance(callback, str) and callback else default_topic,
+        # The result of an invalid request goes to its callback topic only if that is a usable name.
+        callback_topic=callback
+        if isinstance(callback, str) and len(callback) <= 249 and _TOPIC_NAME.match(callback)
+        else default_topic,
         provider=named if named in _PROVIDERS else None,
     )

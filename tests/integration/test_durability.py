@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 
 from contracts import utc_now
 from tests.conftest import (
@@ -351,3 +351,34 @@ async def test_a_poison_message_too_large_to_dead_letter_whole_still_reaches_the
     assert dlq["raw_sha256"] == hashlib.sha256(raw).hexdigest()
     kept = base64.b64decode(dlq["raw_base64"])
     assert 0 < len(kept) < len(raw) and raw.startswith(kept)
+
+
+async def test_a_callback_topic_that_cannot_be_written_does_not_hold_the_partition(
+    prefix, topics_for, kafka_for
+):
+    # As when the callback topic does not exist and the broker does not create topics: the producer
+    # refuses every record for it. The poison path then answers on the default result topic.
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=2)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    async with running_worker(settings) as runtime:
+        real_publish = runtime.emitter.publish
+
+        async def publish(messages: list[Any], after: Any = None) -> None:
+            if any(m.topic == "missing-callback" for m in messages):
+                raise UnknownTopicOrPartitionError()
+            await real_publish(messages, after=after)
+
+        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        await kafka.send(request_envelope(request_id="cb-1", callback_topic="missing-callback"))
+        env = request_envelope()
+        await kafka.send(env)
+        results = await kafka.wait_for(kafka.topics.comparison_result, 2)
+        [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 2}
+    by_id = {r["data"]["request_id"]: r["data"] for r in results}
+    assert by_id[env.data.request_id]["winner"] in ("Essay A", "Essay B")
+    assert by_id["cb-1"]["error_detail"]["error_code"] == "PROCESSING_ERROR"
+    assert dlq["error"].startswith("processing failed: UnknownTopicOrPartitionError")
+    assert dlq["source"]["offset"] == 0

@@ -168,3 +168,21 @@ async def test_created_topics_have_a_leader_for_every_partition(prefix, topics_f
         assert topic["error_code"] == 0
         led = sorted(p["partition"] for p in topic["partitions"] if p["leader"] >= 0)
         assert led == list(range(expected))
+
+
+async def test_a_callback_topic_kafka_would_refuse_yields_a_validation_error_on_the_result_topic(
+    prefix, topics_for, kafka_for
+) -> None:
+    # It used to reach the producer, which waited for metadata of the illegal name for ever.
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    bad = json.loads(request_envelope(request_id="bad-cb").model_dump_json())
+    bad["data"]["callback_topic"] = "no such topic!"
+    async with running_worker(settings):
+        await kafka.send_raw(json.dumps(bad).encode(), key="bad-cb")
+        await kafka.send(request_envelope())
+        results = await kafka.wait_for(kafka.topics.comparison_result, 2)
+    failed = next(r["data"] for r in results if r["data"]["request_id"] == "bad-cb")
+    assert failed["error_detail"]["error_code"] == "VALIDATION_ERROR"
+    assert failed["error_detail"]["details"]["fields"] == ["callback_topic"]

@@ -62,6 +62,23 @@ def test_schema_violation_is_invalid_and_names_the_fields() -> None:
     assert (err.value.request_id, err.value.callback_topic) == ("r9", "cb")
 
 
+@pytest.mark.parametrize("topic", ["no such topic!", "results/other", ".", "..", "é", "x" * 250])
+def test_a_callback_topic_kafka_would_refuse_is_invalid_and_its_result_goes_to_the_default_topic(
+    topic: str,
+) -> None:
+    doc = json.loads(_envelope(request_id="r10"))
+    doc["data"]["callback_topic"] = topic
+    with pytest.raises(Invalid) as err:
+        decode_request(json.dumps(doc).encode(), None, DEFAULT_TOPIC)
+    assert err.value.fields == ["callback_topic"]
+    assert (err.value.request_id, err.value.callback_topic) == ("r10", DEFAULT_TOPIC)
+
+
+@pytest.mark.parametrize("topic", ["a", "team.results_v1-eu", "...", "x" * 249])
+def test_legal_callback_topic_names_are_accepted(topic: str) -> None:
+    assert decode_request(_envelope(callback_topic=topic), None, DEFAULT_TOPIC).callback_topic == topic
+
+
 CALL = ComparisonCall(
     provider="mock", model="mock-comparator-1", system_prompt="s", user_prompt="Essay A vs B"
 )
