@@ -67,6 +67,10 @@ def decode_outcome(stored: bytes) -> list[Outgoing]:
     return out
 
 
+#: A queued SET: key, value, the future to tell (None for an emitted mark), the op for the degraded metric.
+_Set = tuple[str, bytes, asyncio.Future[None] | None, str]
+
+
 class OutcomeStore:
     """Two keys per request, both with the TTL: `<prefix>:outcome:<id>` = the outcome's events, and
     `<prefix>:emitted:<id>` = "1" once Kafka acknowledged them."""
@@ -77,7 +81,7 @@ class OutcomeStore:
         self.emitted_prefix = f"{prefix}:emitted:"
         self.ttl_s = ttl_s
         self._gets: list[tuple[str, asyncio.Future[Any]]] = []
-        self._sets: list[tuple[str, bytes, asyncio.Future[None], str]] = []
+        self._sets: list[_Set] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._marking: set[asyncio.Future[Any]] = set()
 
@@ -107,17 +111,15 @@ class OutcomeStore:
         """mark_emitted without waiting: the offset need not wait for it. Until it lands a redelivery
         re-sends every event with its original event id (as after a crash between publish and mark), and
         once the offset is committed there is no redelivery. aclose() waits for the ones still going."""
-        future = self._set("mark_emitted", self.emitted_prefix + request_id, b"1")
-        self._marking.add(future)
-        future.add_done_callback(self._marked)
+        self._queue_set(self.emitted_prefix + request_id, b"1", None, "mark_emitted")
 
-    def _marked(self, future: asyncio.Future[None]) -> None:
-        self._marking.discard(future)
-        if not future.cancelled():
-            future.exception()  # retrieved: an unexpected error was already on the batch's reply
+    def _marked(self, reply: asyncio.Future[Any]) -> None:
+        self._marking.discard(reply)
 
     async def aclose(self) -> None:
         """Wait for the emitted markers still on their way, then close the batch's connection."""
+        if self._sets:  # queued this turn: send them now
+            self._flush_sets()
         if self._marking:
             await asyncio.wait(self._marking)
         await self.batch.aclose()
@@ -125,12 +127,15 @@ class OutcomeStore:
     def _set(self, op: str, key: str, value: bytes) -> asyncio.Future[None]:
         """Queue a SET for this turn's script call. The future is done when Redis stored it, or when it
         could not (Redis down: counted as degraded, at-least-once only); cancelled if the batch was."""
-        loop = self._running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        if not self._sets:
-            loop.call_soon(self._flush_sets)
-        self._sets.append((key, value, future, op))
+        future: asyncio.Future[None] = self._running_loop().create_future()
+        self._queue_set(key, value, future, op)
         return future
+
+    def _queue_set(self, key: str, value: bytes, future: asyncio.Future[None] | None, op: str) -> None:
+        """Queue a SET for this turn's script call; `future` (if any) is told when it is stored."""
+        if not self._sets:
+            self._running_loop().call_soon(self._flush_sets)
+        self._sets.append((key, value, future, op))
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -146,27 +151,33 @@ class OutcomeStore:
 
     def _flush_sets(self) -> None:
         sets, self._sets = self._sets, []
+        if not sets:  # flushed early by aclose()
+            return
         keys = [key for key, _, _, _ in sets]
         values = [value for _, value, _, _ in sets]
         reply = self.batch.submit("EVAL", _SET_ALL, len(keys), *keys, *values, self.ttl_s)
         reply.add_done_callback(partial(self._hand_out_sets, sets))
+        if any(future is None for _, _, future, _ in sets):  # emitted marks: aclose() waits for them
+            self._marking.add(reply)
+            reply.add_done_callback(self._marked)
 
-    def _hand_out_sets(
-        self, sets: list[tuple[str, bytes, asyncio.Future[None], str]], reply: asyncio.Future[Any]
-    ) -> None:
+    def _hand_out_sets(self, sets: list[_Set], reply: asyncio.Future[Any]) -> None:
         exc = None if reply.cancelled() else reply.exception()
         for _, _, future, op in sets:
-            if future.done():
+            if future is not None and future.done():
                 continue
             if reply.cancelled():
-                future.cancel()
+                if future is not None:
+                    future.cancel()
                 continue
             if isinstance(exc, RedisError | OSError):
                 self._degraded(op, exc)
             elif exc is not None:
-                future.set_exception(exc)
+                if future is not None:
+                    future.set_exception(exc)
                 continue
-            future.set_result(None)
+            if future is not None:
+                future.set_result(None)
 
     def _degraded(self, op: str, exc: Exception) -> None:
         metrics.labelled(metrics.IDEMPOTENCY_DEGRADED, op).inc()
