@@ -221,8 +221,18 @@ class Emitter:
             self._wake.clear()
             while self._pending:
                 pending, self._pending = self._pending, []
-                for (topic, partition), items in self._group(pending).items():
-                    await self._send(topic, partition, items)
+                try:
+                    groups = self._group(pending)
+                except Exception as exc:  # a bug: fail these publishes, keep the pump for the others
+                    for _, waiter in pending:
+                        waiter.fail(exc)
+                    continue
+                for (topic, partition), items in groups.items():
+                    try:
+                        await self._send(topic, partition, items)
+                    except Exception as exc:  # e.g. a record the batch refuses: fail its publishes only
+                        for _, _, waiter in items:
+                            waiter.fail(exc)
 
     def _group(self, pending: list[tuple[Outgoing, _Waiter]]) -> dict[tuple[str, int], list[_Item]]:
         """Keyed events go where the Java client's partitioner puts them (murmur2 of the key). Keyless

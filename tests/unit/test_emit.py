@@ -185,3 +185,16 @@ async def test_publish_after_a_future_that_fails_or_is_cancelled_sends_nothing(h
     await asyncio.sleep(0.01)
     assert producer.sent == []
     await emitter.aclose()
+
+
+async def test_a_record_the_batch_refuses_fails_its_publish_and_the_pump_keeps_serving() -> None:
+    from worker.emit import Emitter
+
+    producer = _Producer()
+    emitter = Emitter(producer)  # type: ignore[arg-type]
+    bad = Outgoing("result", "t", "r-bad", "not bytes", "c")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await asyncio.wait_for(emitter.publish([bad]), 1)
+    await asyncio.wait_for(emitter.publish(_events(2)), 1)
+    assert sorted(producer.sent) == [b"v0", b"v1"]
+    await emitter.aclose()
