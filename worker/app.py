@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -47,9 +48,15 @@ def make_broker(settings: Settings) -> KafkaBroker:
 class Runtime:
     """Everything one worker process holds, built on startup and closed on shutdown."""
 
-    def __init__(self, settings: Settings, broker: KafkaBroker) -> None:
+    def __init__(
+        self, settings: Settings, broker: KafkaBroker, on_fatal: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
         self.broker = broker
+        #: Called when the consume loop died (the app's exit): a process that consumes nothing must not
+        #: look alive. The error is kept in `failure`, and `llm-worker run` exits 1.
+        self.on_fatal = on_fatal
+        self.failure: BaseException | None = None
         self.providers: dict[str, Provider] = {}
         self.unconfigured_providers: list[str] = []
         self.loop: ConsumeLoop | None = None
@@ -155,17 +162,27 @@ class Runtime:
             consumer, s.kafka.topics.comparison_request, handler.handle, handler.dead_letter_poison, s.flow
         )
         self._task = asyncio.create_task(self.loop.run())
+        self._task.add_done_callback(self._loop_ended)
         gc.freeze()  # startup objects (modules, schemas) leave the collector: shorter gen-2 pauses
         # Young collections every 20 000 net allocations instead of 700: with hundreds of requests in flight
         # the default spent ~10 % of the worker's CPU in the collector (bench B: 1.2 s of 12 s -> 0.09 s).
         gc.set_threshold(20_000, 20, 10)
         log.info("worker consuming", extra={"topic": s.kafka.topics.comparison_request})
 
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is None:
+            return
+        self.failure = error
+        log.critical("consume loop failed; the worker stops", exc_info=error)
+        if self.on_fatal is not None:
+            self.on_fatal()
+
     async def stop(self) -> None:
         """Stop fetching, drain in-flight work (bounded), commit, close the consumer and clients."""
         if self.loop is not None and self._task is not None:
             self.loop.stop()
-            await self._task
+            await asyncio.wait([self._task])  # a loop that failed was reported by _loop_ended
         if self.emitter is not None:
             await self.emitter.aclose()
         if self._producer is not None:
@@ -181,17 +198,23 @@ class Runtime:
         log.info("worker stopped")
 
 
-def create_app(settings: Settings | None = None) -> FastStream:
+def create_worker(settings: Settings | None = None) -> tuple[FastStream, Runtime]:
     settings = settings or load_settings()
     broker = make_broker(settings)
     runtime = Runtime(settings, broker)
-    return FastStream(
+    app = FastStream(
         broker,
         on_startup=[lambda: setup_logging(settings.service.log_level)],
         after_startup=[runtime.start],
         on_shutdown=[runtime.stop],
         logger=None,
     )
+    runtime.on_fatal = app.exit
+    return app, runtime
+
+
+def create_app(settings: Settings | None = None) -> FastStream:
+    return create_worker(settings)[0]
 
 
 app = create_app()

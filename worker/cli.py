@@ -225,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from worker.app import create_app
+        from worker.app import create_worker
 
-        uvloop.run(create_app().run())
-        return 0
+        app, runtime = create_worker()
+        uvloop.run(app.run())
+        return 1 if runtime.failure is not None else 0
     if args.command == "send":
         return asyncio.run(send(KafkaSettings(), args.count, args.timeout, args.bypass_cache))
     if args.command == "topics":

@@ -382,3 +382,27 @@ async def test_a_callback_topic_that_cannot_be_written_does_not_hold_the_partiti
     assert by_id["cb-1"]["error_detail"]["error_code"] == "PROCESSING_ERROR"
     assert dlq["error"].startswith("processing failed: UnknownTopicOrPartitionError")
     assert dlq["source"]["offset"] == 0
+
+
+async def test_a_consume_loop_that_dies_stops_the_worker_instead_of_leaving_it_idle(
+    prefix, topics_for, kafka_for
+):
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    async with running_worker(settings) as runtime:
+        stopped = asyncio.Event()
+        runtime.on_fatal = stopped.set
+        await kafka.send(request_envelope(request_id="before"))
+        await kafka.wait_for(kafka.topics.comparison_result, 1)
+        real_getmany = runtime.loop.consumer.getmany
+
+        async def broken_getmany(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("fetch broke")
+
+        runtime.loop.consumer.getmany = broken_getmany
+        await asyncio.wait_for(stopped.wait(), 10)
+        assert isinstance(runtime.failure, RuntimeError) and str(runtime.failure) == "fetch broke"
+        runtime.loop.consumer.getmany = real_getmany
+    # The loop committed what it had finished before it went.
+    assert await committed_offsets(settings, 1) == {0: 1}
