@@ -210,7 +210,11 @@ class ConsumeLoop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._commit_soon.wait(), timeout=interval_s)
             self._commit_soon.clear()
-            await self.commit()
+            try:
+                await self.commit()
+            except Exception:  # not a KafkaError (those are handled): keep committing on the next tick
+                metrics.labelled(metrics.COMMITS, "error").inc()
+                log.exception("offset commit failed unexpectedly; will retry")
 
     async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit each partition's watermark that moved; one request for all partitions."""

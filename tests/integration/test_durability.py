@@ -406,3 +406,37 @@ async def test_a_consume_loop_that_dies_stops_the_worker_instead_of_leaving_it_i
         runtime.loop.consumer.getmany = real_getmany
     # The loop committed what it had finished before it went.
     assert await committed_offsets(settings, 1) == {0: 1}
+
+
+async def test_periodic_commits_go_on_after_an_unexpected_commit_error(prefix, topics_for, kafka_for):
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    for i in range(3):
+        await kafka.send_raw(b"payload %d" % i)
+
+    async def handle(record: ConsumerRecord) -> None:
+        return None
+
+    async def poison(record: ConsumerRecord, error: BaseException) -> None:
+        return None
+
+    loop, task = await _run_loop(settings, handle, poison)
+    real_commit, calls, committed = loop.consumer.commit, 0, []
+
+    async def commit_failing_once(offsets: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("not a KafkaError")
+        await real_commit(offsets)
+        committed.append(max(offsets.values()))
+
+    loop.consumer.commit = commit_failing_once  # type: ignore[method-assign]
+    try:
+        # No explicit commit(): only the periodic committer, which must survive its first failure.
+        await _until(lambda: committed[-1:] == [3], what="the periodic commit of offset 3")
+        assert await committed_offsets(settings, 1) == {0: 3}
+    finally:
+        loop.stop()
+        await task
