@@ -141,7 +141,11 @@ class ConsumeLoop:
         request_id_var.set(record.key.decode(errors="replace") if record.key else None)
         correlation_id_var.set(
             next(
-                (bytes(v).decode(errors="replace") for k, v in record.headers or () if k == "correlation_id"),
+                (
+                    bytes(v).decode(errors="replace")
+                    for k, v in record.headers or ()
+                    if k == "correlation_id" and v  # a header value may be null
+                ),
                 None,
             )
         )

@@ -78,37 +78,45 @@ class Handler:
         self.outcomes.mark_emitted_soon(job.request_id)
 
     async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
-        """After the poison attempts are spent: DLQ record and, when readable, an INTERNAL_ERROR result."""
+        """After the poison attempts are spent: the DLQ record and, when the request is readable, its
+        terminal result: the stored one if an outcome was recorded (it may be out already: never a second,
+        contradicting one), else INTERNAL_ERROR; VALIDATION_ERROR for an invalid request."""
         metrics.labelled(metrics.DLQ, "poison").inc()
         messages = [self._dlq(record, f"processing failed: {type(error).__name__}: {error}")]
+        callback: str | None = None
         try:
             job = decode_request(
                 record.value, _header(record.headers, "correlation_id"), self.topics.comparison_result
             )
-        except (Unparseable, Invalid):
+        except Unparseable:
             job = None
+        except Invalid as exc:
+            job, callback = None, exc.callback_topic
+            messages += self._invalid_events(exc)
         if job is not None:
-            call = self.orchestrator.resolve(job.request)
-            err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
-            outcome = CallOutcome(call, error=err)
-            messages += self._events(job, outcome, 0, cache="miss")
+            callback = job.callback_topic
+            stored = await self.outcomes.get(job.request_id)
+            if stored is not None:
+                messages += [m for m in stored.messages if m.kind == "result"]
+            else:
+                call = self.orchestrator.resolve(job.request)
+                err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
+                messages += self._events(job, CallOutcome(call, error=err), 0, cache="miss")
         try:
             await self.emitter.publish(messages)
         except Exception as exc:
-            if job is None or job.callback_topic == self.topics.comparison_result:
+            default = self.topics.comparison_result
+            if callback is None or callback == default:
                 raise  # retried by the consumer until Kafka takes it
             # The request's own callback topic may be what failed (missing, refused): it must not hold the
             # partition. The result goes to the default result topic instead, with the DLQ record.
             log.warning(
                 "publish failed; result sent to the default result topic",
-                extra={"callback_topic": job.callback_topic, "error": repr(exc)},
+                extra={"callback_topic": callback, "error": repr(exc)},
             )
-            default = self.topics.comparison_result
             await self.emitter.publish(
                 [
-                    Outgoing(m.kind, default, m.key, m.value, m.correlation_id)
-                    if m.topic == job.callback_topic
-                    else m
+                    Outgoing(m.kind, default, m.key, m.value, m.correlation_id) if m.topic == callback else m
                     for m in messages
                 ]
             )

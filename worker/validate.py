@@ -62,11 +62,16 @@ class Invalid(Exception):
 
 
 def decode_request(raw: bytes | None, header_correlation_id: str | None, default_topic: str) -> Job:
-    """Parse and validate once; only the failure path looks at the bytes a second time."""
+    """Parse and validate once; only the failure path looks at the bytes a second time. Raises Unparseable
+    or Invalid, never anything else, whatever the bytes."""
     try:
         envelope = RequestEnvelope.model_validate_json(raw or b"")
     except ValidationError as exc:
-        raise _explain(raw, exc, header_correlation_id, default_topic) from exc
+        try:
+            reason = _explain(raw, exc, header_correlation_id, default_topic)
+        except Exception:  # a document too odd to explain (e.g. nested too deep for json): still no crash
+            reason = Unparseable("not an envelope: unreadable", _as_uuid(header_correlation_id))
+        raise reason from exc
     data = envelope.data
     return Job(
         request=data,
@@ -89,7 +94,7 @@ def _explain(
 ) -> Exception:
     try:
         doc = json.loads(raw or b"")
-    except ValueError:
+    except (ValueError, RecursionError):
         return Unparseable("not JSON", _as_uuid(header_correlation_id))
     if not isinstance(doc, dict):
         return Unparseable("not a JSON object", _as_uuid(header_correlation_id))
@@ -113,5 +118,5 @@ def _explain(
         callback_topic=callback
         if isinstance(callback, str) and len(callback) <= 249 and _TOPIC_NAME.match(callback)
         else default_topic,
-        provider=named if named in _PROVIDERS else None,
+        provider=named if isinstance(named, str) and named in _PROVIDERS else None,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import signal
 from collections import Counter, defaultdict
 from datetime import timedelta
@@ -440,3 +441,85 @@ async def test_periodic_commits_go_on_after_an_unexpected_commit_error(prefix, t
     finally:
         loop.stop()
         await task
+
+
+async def test_poison_shapes_that_used_to_escape_the_poison_path_reach_the_dlq_and_finish(
+    prefix, topics_for, kafka_for
+):
+    # JSON nested too deep for json.loads, and a correlation_id header with a null value: both used to
+    # raise outside the handler's error mapping on every attempt and hold the partition for good.
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    async with running_worker(settings) as runtime:
+        await kafka.send_raw(b"[" * 5000)
+        await kafka._producer.send_and_wait(
+            kafka.topics.comparison_request, b"\x00garbage", headers=[("correlation_id", None)]
+        )
+        env = request_envelope()
+        await kafka.send(env)
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        dlq = await kafka.wait_for(kafka.topics.dlq, 2)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 3}
+    assert result["data"]["request_id"] == env.data.request_id
+    assert sorted(d["source"]["offset"] for d in dlq) == [0, 1]
+    assert {d["error"] for d in dlq} == {"not JSON"}
+
+
+async def test_an_invalid_request_whose_callback_topic_cannot_be_written_is_answered_on_the_default_topic(
+    prefix, topics_for, kafka_for
+):
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    bad = json.loads(
+        request_envelope(request_id="inv-1", callback_topic="missing-callback").model_dump_json()
+    )
+    bad["data"]["cache"] = "sometimes"
+    async with running_worker(settings) as runtime:
+        real_publish = runtime.emitter.publish
+
+        async def publish(messages: list[Any], after: Any = None) -> None:
+            if any(m.topic == "missing-callback" for m in messages):
+                raise UnknownTopicOrPartitionError()
+            await real_publish(messages, after=after)
+
+        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        await kafka.send_raw(json.dumps(bad).encode(), key="inv-1")
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
+    assert result["data"]["request_id"] == "inv-1"
+    assert result["data"]["error_detail"]["error_code"] == "VALIDATION_ERROR"
+    assert dlq["source"]["offset"] == 0
+
+
+async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_a_contradicting_one(
+    prefix, topics_for, kafka_for
+):
+    # The result is acknowledged but the cost event keeps failing (its topic unavailable): the request
+    # ends in the poison path, which must not answer INTERNAL_ERROR after a success went out.
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=2)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    async with running_worker(settings) as runtime:
+        real_publish = runtime.emitter.publish
+
+        async def publish(messages: list[Any], after: Any = None) -> None:
+            await real_publish([m for m in messages if m.kind != "cost"], after=after)
+            if any(m.kind == "cost" for m in messages):
+                raise KafkaConnectionError("cost topic unavailable")
+
+        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        env = request_envelope(request_id="ok-then-poison")
+        await kafka.send(env)
+        [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 1}
+        await asyncio.sleep(0.5)
+    results = [
+        r for r in kafka.of(kafka.topics.comparison_result) if r["data"]["request_id"] == env.data.request_id
+    ]
+    assert {r["data"]["winner"] for r in results} <= {"Essay A", "Essay B"} and results
+    assert len({r["event_id"] for r in results}) == 1  # the same event each time: consumers drop copies
+    assert dlq["error"].startswith("processing failed: KafkaConnectionError")

@@ -79,6 +79,25 @@ def test_legal_callback_topic_names_are_accepted(topic: str) -> None:
     assert decode_request(_envelope(callback_topic=topic), None, DEFAULT_TOPIC).callback_topic == topic
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 5000, b'{"correlation_id": ' + b"[" * 5000, b"{" * 3000 + b"}" * 3000],
+    ids=["nested arrays", "nested in an object", "nested objects"],
+)
+def test_documents_nested_too_deep_for_json_are_unparseable_not_a_crash(raw: bytes) -> None:
+    with pytest.raises(Unparseable):
+        decode_request(raw, None, DEFAULT_TOPIC)
+
+
+def test_a_provider_override_of_the_wrong_type_is_invalid_not_a_crash() -> None:
+    doc = json.loads(_envelope(request_id="r11"))
+    doc["data"]["llm_config_overrides"] = {"provider_override": ["openai"]}
+    with pytest.raises(Invalid) as err:
+        decode_request(json.dumps(doc).encode(), None, DEFAULT_TOPIC)
+    assert err.value.fields == ["llm_config_overrides.provider_override"]
+    assert err.value.provider is None
+
+
 CALL = ComparisonCall(
     provider="mock", model="mock-comparator-1", system_prompt="s", user_prompt="Essay A vs B"
 )
