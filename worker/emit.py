@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import hashlib
 import json
@@ -184,6 +183,8 @@ class Emitter:
         self._wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Per topic without metadata yet, its latest round of sends (see _send).
+        self._unknown: dict[str, asyncio.Task[None]] = {}
 
     async def publish(self, messages: list[Outgoing], after: asyncio.Future[None] | None = None) -> None:
         """Send the messages and wait until Kafka acknowledged all of them. With `after`, they are sent
@@ -262,13 +263,13 @@ class Emitter:
 
     async def _send(self, topic: str, partition: int, items: list[_Item]) -> None:
         if partition < 0:
-            for m, key, waiter in items:
-                try:
-                    delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
-                except Exception as exc:  # handed to the waiting caller, which fails its request
-                    waiter.fail(exc)
-                    continue
-                delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
+            # No metadata for the topic yet: `send()` waits for it, up to the request timeout (40 s) when
+            # the topic does not exist. That wait runs beside the pump, not in it: other topics go on.
+            # Rounds for one such topic still go out in order (each waits for the one before).
+            before = self._unknown.get(topic)
+            task = asyncio.create_task(self._send_unknown(topic, items, before))
+            self._unknown[topic] = task
+            task.add_done_callback(functools.partial(self._unknown_done, topic))
             return
         batch = self.producer.create_batch()
         counts: dict[_Waiter, int] = {}
@@ -283,6 +284,21 @@ class Emitter:
         if counts:
             await self._submit(batch, topic, partition, counts)
 
+    async def _send_unknown(self, topic: str, items: list[_Item], before: asyncio.Task[None] | None) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        for m, key, waiter in items:
+            try:
+                delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
+            except Exception as exc:  # handed to the waiting caller, which fails its request
+                waiter.fail(exc)
+                continue
+            delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
+
+    def _unknown_done(self, topic: str, task: asyncio.Task[None]) -> None:
+        if self._unknown.get(topic) is task:
+            del self._unknown[topic]
+
     async def _submit(self, batch: Any, topic: str, partition: int, counts: dict[_Waiter, int]) -> None:
         try:
             delivery = await self.producer.send_batch(batch, topic, partition=partition)
@@ -293,10 +309,11 @@ class Emitter:
         delivery.add_done_callback(functools.partial(_settle, counts))
 
     async def aclose(self) -> None:
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump_task
+        tasks = [t for t in (self._pump_task, *self._unknown.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 class _Waiter:

@@ -198,3 +198,35 @@ async def test_a_record_the_batch_refuses_fails_its_publish_and_the_pump_keeps_s
     await asyncio.wait_for(emitter.publish(_events(2)), 1)
     assert sorted(producer.sent) == [b"v0", b"v1"]
     await emitter.aclose()
+
+
+async def test_a_topic_without_metadata_does_not_hold_up_the_other_topics() -> None:
+    from worker.emit import Emitter
+
+    class Producer(_Producer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.metadata = asyncio.Event()
+            self.unknown_sent: list[bytes] = []
+
+        def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
+            return None if topic == "new" else {0, 1, 2}
+
+        async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
+            await self.metadata.wait()  # as aiokafka waits for the topic's metadata
+            self.unknown_sent.append(value)
+            acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            acked.set_result(None)
+            return acked
+
+    producer = Producer()
+    emitter = Emitter(producer)  # type: ignore[arg-type]
+    first = asyncio.create_task(emitter.publish([Outgoing("result", "new", "a", b"n1", "c")]))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(emitter.publish([Outgoing("result", "new", "b", b"n2", "c")]))
+    await asyncio.wait_for(emitter.publish(_events(2)), 1)  # not behind the topic still waiting
+    assert sorted(producer.sent) == [b"v0", b"v1"] and not first.done()
+    producer.metadata.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert producer.unknown_sent == [b"n1", b"n2"]  # rounds for one topic keep their order
+    await emitter.aclose()
