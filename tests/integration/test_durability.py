@@ -380,7 +380,8 @@ async def test_a_callback_topic_that_cannot_be_written_does_not_hold_the_partiti
         assert await committed_offsets(settings, 1) == {0: 2}
     by_id = {r["data"]["request_id"]: r["data"] for r in results}
     assert by_id[env.data.request_id]["winner"] in ("Essay A", "Essay B")
-    assert by_id["cb-1"]["error_detail"]["error_code"] == "PROCESSING_ERROR"
+    # Its answer was recorded before the publish failed: that result is what goes to the default topic.
+    assert by_id["cb-1"]["winner"] in ("Essay A", "Essay B") and by_id["cb-1"]["error_detail"] is None
     assert dlq["error"].startswith("processing failed: UnknownTopicOrPartitionError")
     assert dlq["source"]["offset"] == 0
 
