@@ -132,6 +132,10 @@ CORRECTION_MAX_DELAY_S = 0.05
 CORRECTION_BATCH = 128
 
 
+#: Bound on the memo of provider/model -> limits (a few hundred bytes each).
+_MAX_TARGETS = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     requests_per_minute: int | None = None
@@ -299,7 +303,10 @@ class Limiter:
         self._serial = itertools.count()
 
     def _target(self, provider: str, model: str) -> _Target | None:
-        """The limits a call to provider/model falls under (None: none), computed once."""
+        """The limits a call to provider/model falls under (None: none), computed once. Model names come
+        from requests (model_override), so the memo is emptied when it reaches _MAX_TARGETS entries."""
+        if len(self._targets) >= _MAX_TARGETS:
+            self._targets.clear()
         scopes = [
             (s, lim) for s in (provider, f"{provider}:{model}") if (lim := self.limits.get(s)) is not None
         ]

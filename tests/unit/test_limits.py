@@ -179,3 +179,13 @@ async def test_redis_that_does_not_answer_degrades_after_the_call_timeout() -> N
             await limiter.aclose()  # still waiting for the silent server's reply
             await redis.aclose()
             metrics.LIMITER_DEGRADED.set(0)
+
+
+async def test_the_memo_of_limits_per_model_stays_bounded_whatever_models_requests_name() -> None:
+    from worker.limits import _MAX_TARGETS
+
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(requests_per_minute=100_000)}, t)
+    for i in range(_MAX_TARGETS + 10):
+        await limiter.acquire("p", f"model-{i}", 1)
+    assert len(limiter._targets) <= _MAX_TARGETS
