@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import math
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -33,6 +36,8 @@ from worker.pricing import Cost, PriceTable
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, Answer, ComparisonCall, Provider
 from worker.routing import Router, Strategy, provider_for_model
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)  # not frozen: see providers/base.py, ComparisonCall
@@ -311,7 +316,7 @@ class Orchestrator:
         """Full-jitter exponential backoff, or the provider's Retry-After (capped) when it sent one."""
         error = _exception(rs)
         retry_after = error.retry_after_s if isinstance(error, WorkerError) else None
-        if retry_after is not None:
+        if retry_after is not None and math.isfinite(retry_after):
             return min(max(retry_after, 0.0), self.retry.retry_after_cap_s)
         return float(wait_random_exponential(multiplier=self.retry.base_s, max=self.retry.max_wait_s)(rs))
 
@@ -362,6 +367,21 @@ class Orchestrator:
             error = exc
             if quotes_prompt(exc.message, call):  # provider messages are emitted; prompt text never is
                 exc.message = f"{exc.message.split(':', 1)[0]}: message withheld (it quoted the prompt)"
+        except Exception as exc:  # a response the provider code did not foresee: a typed error, not a crash
+            error = ProviderError(
+                ErrorCode.PARSING_ERROR,
+                f"unexpected provider response ({type(exc).__name__})",
+                provider=call.provider,
+            )
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error(  # without the exception's text, which may quote the response (and so the prompt)
+                "provider raised an unmapped error",
+                extra={
+                    "provider": call.provider,
+                    "error_type": type(exc).__name__,
+                    "where": f"{where.filename}:{where.lineno}",
+                },
+            )
         finally:
             duration_s = time.perf_counter() - t0
             if answer is None and error is None:  # cancelled: not the provider's fault, usage unknown

@@ -143,6 +143,28 @@ def test_gemini_retry_info_delay_is_used_without_a_retry_after_header() -> None:
     assert err.retry_after_s == 12.0
 
 
+@pytest.mark.parametrize("delay", ["NaNs", "nans", "infs", "-infs"])
+def test_a_retry_delay_that_is_not_a_finite_number_is_ignored(delay: str) -> None:
+    doc = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [{"retryDelay": delay}]}}
+    assert classify_error("google", 429, body(doc), {}).retry_after_s is None
+    assert classify_error("openai", 429, b"", {"retry-after": delay[:-1]}).retry_after_s is None
+    assert classify_error("openai", 429, b"", {"retry-after-ms": delay[:-1]}).retry_after_s is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body({"error": {"message": "m", "details": 7}}),
+        body({"error": {"message": "m", "details": True}}),
+        b'{"error": ' + b"[" * 5000,
+    ],
+    ids=["details a number", "details a boolean", "nested too deep"],
+)
+def test_odd_error_bodies_are_still_classified_by_status(raw: bytes) -> None:
+    err = classify_error("openai", 503, raw, {})
+    assert err.code is ErrorCode.EXTERNAL_SERVICE_ERROR and err.retryable is True
+
+
 def test_429_for_a_spent_quota_is_not_retryable() -> None:
     doc = {
         "error": {
@@ -282,3 +304,14 @@ def test_negative_token_counts_are_a_parsing_error_not_a_crash(model: str, body:
     with pytest.raises(ProviderError) as caught:
         parse_response(shape, body, model, "a response")
     assert caught.value.code is ErrorCode.PARSING_ERROR
+
+
+@pytest.mark.parametrize("confidence", [10**400, float("nan"), float("inf")], ids=["huge int", "nan", "inf"])
+def test_a_confidence_no_float_can_hold_is_a_parsing_error_not_a_crash(confidence: object) -> None:
+    from contracts import TokenUsage
+    from worker.providers.base import parse_answer
+
+    answer = {"winner": "Essay A", "justification": "Clearer.", "confidence": confidence}
+    with pytest.raises(ProviderError) as raised:
+        parse_answer(answer, "m", TokenUsage(), "openai")
+    assert raised.value.code is ErrorCode.PARSING_ERROR

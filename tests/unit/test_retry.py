@@ -10,7 +10,7 @@ from worker import metrics
 from worker.errors import ProviderError
 from worker.orchestrate import FallbackPolicy, Orchestrator, RetryPolicy
 from worker.pricing import PriceTable
-from worker.providers.base import ComparisonCall
+from worker.providers.base import Answer, ComparisonCall
 
 CALL = ComparisonCall(provider="p", model="p-model", system_prompt="s", user_prompt="u")
 E5XX = err(ErrorCode.EXTERNAL_SERVICE_ERROR, http_status=503)
@@ -73,6 +73,29 @@ async def test_retry_after_is_honoured() -> None:
     outcome = await make(p, time=time).run(CALL, None)
     assert outcome.answer is not None
     assert time.sleeps == [7.0]
+
+
+async def test_a_retry_after_that_is_not_a_number_falls_back_to_backoff(upper_jitter: None) -> None:
+    time = FakeTime()
+    p = Scripted("p", err(ErrorCode.RATE_LIMIT, retry_after_s=float("nan")), OK)
+    outcome = await make(p, time=time).run(CALL, time.now + 60)
+    assert outcome.answer is not None
+    assert time.sleeps == [1.0]  # the exponential backoff's first step, not a NaN sleep
+
+
+async def test_an_unmapped_exception_from_a_provider_is_a_parsing_error_with_its_attempt_recorded() -> None:
+    class Odd(Scripted):
+        async def compare(self, call: ComparisonCall) -> Answer:
+            self.calls.append(call)
+            raise OverflowError("int too large to convert to float: Essay text quoted here")
+
+    time = FakeTime()
+    p = Odd("p")
+    outcome = await make(p, time=time).run(CALL, None)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.PARSING_ERROR
+    assert "Essay text" not in outcome.error.message
+    assert len(p.calls) == 2  # a PARSING_ERROR is retried once
+    assert [a.error_code for a in outcome.attempts] == [ErrorCode.PARSING_ERROR] * 2
 
 
 async def test_retry_after_is_capped() -> None:

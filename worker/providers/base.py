@@ -91,6 +91,10 @@ def parse_answer(obj: Any, model: str, usage: TokenUsage, provider: str) -> Answ
         raise bad("justification missing or longer than 500 characters")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float):
         raise bad("confidence is not a number")
-    if not 1.0 <= float(confidence) <= 5.0:
+    try:
+        value = float(confidence)
+    except OverflowError:  # an int too large for a float
+        raise bad("confidence outside 1-5") from None
+    if not 1.0 <= value <= 5.0:  # NaN included
         raise bad("confidence outside 1-5")
-    return Answer(winner, justification, float(confidence), model, usage)
+    return Answer(winner, justification, value, model, usage)

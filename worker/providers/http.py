@@ -21,6 +21,7 @@ from __future__ import annotations
 import email.utils
 import functools
 import json
+import math
 import ssl
 import time
 from collections.abc import Mapping
@@ -284,7 +285,7 @@ def _error_fields(body: bytes | str) -> tuple[str, str, float | None]:
     """(provider error type, message, Gemini RetryInfo delay) from any of the providers' error bodies."""
     try:
         doc = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, list) and doc:  # Gemini sometimes wraps the error in a list
         doc = doc[0]
@@ -296,7 +297,8 @@ def _error_fields(body: bytes | str) -> tuple[str, str, float | None]:
     error_type = next((k for k in kinds if isinstance(k, str) and k), "")
     message = str(error.get("message") or "")
     retry_delay_s = None
-    for detail in error.get("details") or ():
+    details = error.get("details")
+    for detail in details if isinstance(details, list) else ():
         if not isinstance(detail, dict):
             continue
         if detail.get("reason"):  # google.rpc.ErrorInfo, e.g. API_KEY_INVALID
@@ -304,10 +306,15 @@ def _error_fields(body: bytes | str) -> tuple[str, str, float | None]:
         delay = detail.get("retryDelay")  # google.rpc.RetryInfo, e.g. "30s"
         if isinstance(delay, str) and delay.endswith("s"):
             try:
-                retry_delay_s = float(delay[:-1])
+                retry_delay_s = _finite(float(delay[:-1]))
             except ValueError:
                 pass
     return error_type, message, retry_delay_s
+
+
+def _finite(value: float) -> float | None:
+    """A delay a provider sent, unless it is NaN or infinite (float() accepts "nan" and "inf")."""
+    return value if math.isfinite(value) else None
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:
@@ -315,14 +322,17 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000)
+            seconds = _finite(float(ms) / 1000)
+            if seconds is not None:
+                return max(0.0, seconds)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = _finite(float(value))
+        return max(0.0, seconds) if seconds is not None else None
     except ValueError:
         pass
     try:
