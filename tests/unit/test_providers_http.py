@@ -315,3 +315,34 @@ def test_a_confidence_no_float_can_hold_is_a_parsing_error_not_a_crash(confidenc
     with pytest.raises(ProviderError) as raised:
         parse_answer(answer, "m", TokenUsage(), "openai")
     assert raised.value.code is ErrorCode.PARSING_ERROR
+
+
+async def test_a_body_that_decompresses_past_the_cap_is_an_error_not_all_the_memory() -> None:
+    import gzip
+
+    from aiohttp import web
+
+    from worker.providers.http import MAX_BODY_BYTES
+
+    bomb = gzip.compress(b"0" * (MAX_BODY_BYTES + 1))  # some kB on the wire
+
+    async def answer(_: web.Request) -> web.Response:
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return web.Response(body=bomb, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    endpoint = make_endpoint(ProviderSettings(), f"http://127.0.0.1:{port}", {})
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await endpoint.post_json("openai", "/v1/chat/completions", {"model": "m"})
+    finally:
+        await endpoint.aclose()
+        await runner.cleanup()
+    assert len(bomb) < 20_000
+    assert caught.value.code is ErrorCode.EXTERNAL_SERVICE_ERROR and caught.value.retryable is False

@@ -110,19 +110,38 @@ class AiohttpSender:
         return parsed
 
     async def post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        """Raises TimeoutError (no answer in time) or aiohttp.ClientError (no connection, or it broke)."""
+        """Raises TimeoutError (no answer in time), aiohttp.ClientError (no connection, or it broke) or
+        BodyTooLarge."""
         session = self._session or self._open()
         async with session.post(self._url(url), data=body, allow_redirects=False) as response:
-            return response.status, response.headers, await response.read()
+            return response.status, response.headers, await _read_capped(response)
 
     async def get(self, url: str) -> tuple[int, Mapping[str, str], bytes]:
         session = self._session or self._open()
         async with session.get(url, allow_redirects=False) as response:
-            return response.status, response.headers, await response.read()
+            return response.status, response.headers, await _read_capped(response)
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+#: Largest response body read from a provider (after decompression). An answer is a few kB; more is a
+#: broken endpoint, or a compressed body that would decompress into all the memory there is.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"response body over {MAX_BODY_BYTES} bytes")
+    return bytes(body)
 
 
 class HttpxSender:
@@ -150,10 +169,14 @@ class HttpxSender:
         request = httpx.Request(method, url, content=body, headers=self.headers, extensions=extensions)
         response = await self.transport.handle_async_request(request)
         try:
-            content = await response.aread()
+            content = bytearray()
+            async for chunk in response.aiter_bytes():
+                content += chunk
+                if len(content) > MAX_BODY_BYTES:
+                    raise BodyTooLarge(f"response body over {MAX_BODY_BYTES} bytes")
         finally:
             await response.aclose()
-        return response.status_code, response.headers, content
+        return response.status_code, response.headers, bytes(content)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -188,6 +211,8 @@ class HttpEndpoint:
             status, headers, body = await self.sender.post(self.base_url + path, content)
         except (TimeoutError, aiohttp.ClientError, httpx.TransportError) as exc:
             raise classify_transport_error(provider, exc) from exc
+        except BodyTooLarge as exc:
+            raise _too_large(provider, exc) from exc
         if status >= 300:
             raise classify_error(provider, status, body, headers)
         return body
@@ -198,6 +223,8 @@ class HttpEndpoint:
             status, headers, body = await self.sender.get(self.base_url + path)
         except (TimeoutError, aiohttp.ClientError, httpx.TransportError) as exc:
             raise classify_transport_error(provider, exc) from exc
+        except BodyTooLarge as exc:
+            raise _too_large(provider, exc) from exc
         if status >= 300:
             raise classify_error(provider, status, body, headers)
         return body
@@ -221,6 +248,12 @@ def make_endpoint(settings: ProviderSettings, base_url: str, headers: Mapping[st
         settings.http_keepalive_expiry_s,
     )
     return HttpEndpoint(sender, base_url.rstrip("/"))
+
+
+def _too_large(provider: str, exc: BodyTooLarge) -> ProviderError:
+    return ProviderError(
+        ErrorCode.EXTERNAL_SERVICE_ERROR, f"{provider}: {exc}", provider=provider, retryable=False
+    )
 
 
 def classify_transport_error(provider: str, exc: Exception) -> ProviderError:
