@@ -308,13 +308,20 @@ class AnswerCache:
         if read and (value := self.local.get(key)) is not None:
             metrics.labelled(metrics.CACHE_HITS, "local").inc()
             return Flight(shared=value, layer="local")
+        unshared = 0
         while (pending := self._flights.get(key)) is not None:
             # Shield: a joiner hitting its deadline must not cancel the leader's future.
             shared = await asyncio.wait_for(asyncio.shield(pending), _remaining(deadline_s))
             if shared is not None:
                 metrics.labelled(metrics.SINGLE_FLIGHT_JOINS, "local").inc()
                 return Flight(shared=shared, layer="single_flight", scope="local")
-            # The leader failed or was cancelled: loop, and lead the next call unless someone else does.
+            # The leader failed, was cancelled, or got an answer not to share (a fallback's): the joiners
+            # share one more call. If that one has nothing to share either, they call side by side, rather
+            # than one after another behind ever new leaders.
+            unshared += 1
+            if unshared >= _SHARED_RETRIES + 1:
+                flight, _ = await self._call(key, None, uuid.uuid4().hex, compute, to_cached)
+                return flight
         future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
         self._flights[key] = future
         for_joiners: CachedAnswer | None = None
@@ -432,6 +439,10 @@ class AnswerCache:
             pipe.exists(lease_key)
             raw, held = await pipe.execute()
         return raw, int(held)
+
+
+#: After a flight with nothing to share, how many more flights its joiners wait for before calling alone.
+_SHARED_RETRIES = 1
 
 
 def _remaining(deadline_s: float | None) -> float | None:

@@ -164,3 +164,26 @@ async def test_a_joiner_past_its_deadline_gives_up_without_cancelling_the_leader
     provider.release.set()
     assert (await leader).led == "answer"
     assert provider.calls == 1
+
+
+async def test_when_the_shared_retry_has_nothing_to_share_either_the_rest_call_side_by_side(
+    prefix, clients
+) -> None:
+    # E.g. every call answered by a fallback provider (not cached): the joiners must not queue up behind
+    # one new leader after another, N calls long.
+    cache = replica(clients(), prefix)
+    running, most = 0, 0
+
+    async def unshareable() -> str:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return "fallback answer"
+
+    flights = await asyncio.gather(
+        *(cache.serve(f"{prefix}:k", unshareable, to_cached, None) for _ in range(6))
+    )
+    assert all(f.led == "fallback answer" for f in flights)
+    assert most == 4  # a leader, the one shared retry, then the other four at once
