@@ -308,8 +308,10 @@ class AnswerCache:
         if read and (value := self.local.get(key)) is not None:
             metrics.labelled(metrics.CACHE_HITS, "local").inc()
             return Flight(shared=value, layer="local")
+        # A refresh joins only refreshes: a reading flight may answer with the very entry it replaces.
+        flight_key = key if read else f"{key}:refresh"
         unshared = 0
-        while (pending := self._flights.get(key)) is not None:
+        while (pending := self._flights.get(flight_key)) is not None:
             # Shield: a joiner hitting its deadline must not cancel the leader's future.
             shared = await asyncio.wait_for(asyncio.shield(pending), _remaining(deadline_s))
             if shared is not None:
@@ -323,14 +325,14 @@ class AnswerCache:
                 flight, _ = await self._call(key, None, uuid.uuid4().hex, compute, to_cached)
                 return flight
         future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
-        self._flights[key] = future
+        self._flights[flight_key] = future
         for_joiners: CachedAnswer | None = None
         try:
             flight, for_joiners = await self._lead(key, compute, to_cached, deadline_s, read)
             return flight
         finally:
             # Always resolve the future (never with an exception: joiners only need "answer or retry").
-            del self._flights[key]
+            del self._flights[flight_key]
             future.set_result(for_joiners)
 
     async def _lead(
@@ -341,7 +343,7 @@ class AnswerCache:
         deadline_s: float | None,
         read: bool,
     ) -> tuple[Flight[T], CachedAnswer | None]:
-        lease_key, token = f"{key}:lease", uuid.uuid4().hex
+        lease_key, token, asked_read = f"{key}:lease", uuid.uuid4().hex, read
         while True:
             try:
                 found = await self.guard.call(
@@ -362,7 +364,7 @@ class AnswerCache:
             if found[0] in (_LEASED, _LEASED_LOCALLY):
                 lease = lease_key if found[0] == _LEASED else None
                 return await self._call(key, lease, token, compute, to_cached)
-            shared = await self._await_replica(key, lease_key, deadline_s)
+            shared = await self._await_replica(key, lease_key, deadline_s, refresh=not asked_read)
             if shared is not None:
                 metrics.labelled(metrics.SINGLE_FLIGHT_JOINS, "replica").inc()
                 return Flight(shared=shared, layer="single_flight", scope="replica"), shared
@@ -413,10 +415,15 @@ class AnswerCache:
             except RedisUnavailable:
                 pass
 
-    async def _await_replica(self, key: str, lease_key: str, deadline_s: float | None) -> CachedAnswer | None:
+    async def _await_replica(
+        self, key: str, lease_key: str, deadline_s: float | None, refresh: bool = False
+    ) -> CachedAnswer | None:
         """Another replica holds the lease: poll (10 ms doubling up to SINGLE_FLIGHT_POLL_MS) until its
-        answer is in Redis -> the answer, or the lease is gone without one -> None (take over)."""
+        answer is in Redis -> the answer, or the lease is gone without one -> None (take over). A refresh
+        takes only an entry written after its first poll, never the one it was asked to replace."""
         delay_s = 0.01
+        stale: bytes | None = None
+        first = refresh
         while True:
             remaining = _remaining(deadline_s)
             if remaining is not None and remaining <= 0:
@@ -427,6 +434,10 @@ class AnswerCache:
                 raw, held = await self.guard.call("wait", lambda: self._peek(key, lease_key))
             except RedisUnavailable:
                 return None  # lead locally
+            if first:
+                stale, first = raw, False
+            if raw is not None and raw == stale:
+                raw = None
             value = self._decode(key, raw)
             if value is not None:
                 return value

@@ -187,3 +187,30 @@ async def test_when_the_shared_retry_has_nothing_to_share_either_the_rest_call_s
     )
     assert all(f.led == "fallback answer" for f in flights)
     assert most == 4  # a leader, the one shared retry, then the other four at once
+
+
+async def test_a_refresh_never_gets_the_entry_it_was_asked_to_replace(prefix, clients) -> None:
+    # Replica a refreshes; replica b refreshes the same key meanwhile and waits on a's lease, and a local
+    # reading request leads a flight on b. b's refresh must end with a fresh answer, not the old entry.
+    redis = clients()
+    a, b = replica(redis, prefix), replica(clients(), prefix)
+    stale = CachedAnswer(ANSWER.answer, 9.0)
+    await a.put(f"{prefix}:k", stale)
+    provider, polled = Provider(), asyncio.Event()
+    peek = b._peek
+
+    async def observed_peek(*args: Any) -> Any:
+        polled.set()
+        return await peek(*args)
+
+    b._peek = observed_peek  # type: ignore[method-assign]
+    leader = asyncio.create_task(a.serve(f"{prefix}:k", provider.call, to_cached, None, read=False))
+    await provider.started.wait()
+    refresh = asyncio.create_task(b.serve(f"{prefix}:k", provider.call, to_cached, None, read=False))
+    await polled.wait()  # b polls while a's call is open, and sees the old entry
+    reader = await b.serve(f"{prefix}:k", provider.call, to_cached, None)  # a reading request on b
+    assert reader.shared == stale  # a plain read may have the old entry until the refresh lands
+    provider.release.set()
+    await leader
+    refreshed = await refresh
+    assert (refreshed.shared or to_cached(refreshed.led)) == ANSWER
