@@ -9,8 +9,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 MAX_PROMPT_CHARS = 200_000
 MAX_BLOCKS = 32
-#: A legal Kafka topic name: letters, digits, '.', '_', '-', but not "." or "..".
-TOPIC_NAME_PATTERN = r"^([a-zA-Z0-9._-]*[a-zA-Z0-9_-][a-zA-Z0-9._-]*|\.{3,})$"
+#: A legal Kafka topic name: letters, digits, '.', '_', '-', but not "." or ".."; or "" (the default topic).
+TOPIC_NAME_PATTERN = r"^([a-zA-Z0-9._-]*[a-zA-Z0-9_-][a-zA-Z0-9._-]*|\.{3,}|)$"
 
 
 class ProviderName(StrEnum):
@@ -74,7 +74,7 @@ class LLMComparisonRequestV1(BaseModel):
         default=None,
         max_length=249,
         pattern=TOPIC_NAME_PATTERN,
-        description="Topic for the result (a legal Kafka topic name); default the result topic.",
+        description="Topic for the result (a legal Kafka topic name); empty or absent: the result topic.",
     )
     llm_config_overrides: LLMConfigOverrides | None = Field(
         default=None, description="Per-request overrides."

@@ -423,7 +423,11 @@ class AnswerCache:
         takes only an entry written after its first poll, never the one it was asked to replace."""
         delay_s = 0.01
         stale: bytes | None = None
-        first = refresh
+        if refresh:  # the entry there now is the one to replace
+            try:
+                stale, _ = await self.guard.call("wait", lambda: self._peek(key, lease_key))
+            except RedisUnavailable:
+                return None  # lead locally
         while True:
             remaining = _remaining(deadline_s)
             if remaining is not None and remaining <= 0:
@@ -434,8 +438,6 @@ class AnswerCache:
                 raw, held = await self.guard.call("wait", lambda: self._peek(key, lease_key))
             except RedisUnavailable:
                 return None  # lead locally
-            if first:
-                stale, first = raw, False
             if raw is not None and raw == stale:
                 raw = None
             value = self._decode(key, raw)

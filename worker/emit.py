@@ -144,23 +144,31 @@ def _json_str(text: str) -> str:
 
 # Raw bytes kept in a DLQ record: base64 makes them a third larger, and the record must stay under Kafka's
 # default message limit (1 MB, broker and producer) whatever value came in, or the DLQ publish could never
-# land and the partition's watermark would wait for it forever. (Headers are copied whole.)
+# land and the partition's watermark would wait for it forever. Header values share the budget.
 DLQ_RAW_MAX_BYTES = 512 * 1024
 
 
 def make_dlq_record(
     topic: str, raw: bytes | None, error: str, headers: list[tuple[str, bytes]], source: dict[str, Any]
 ) -> Outgoing:
-    """A DLQ record: the raw bytes base64 (the first DLQ_RAW_MAX_BYTES of them; their full length and
-    SHA-256 alongside), the parse error, the original headers, where it came from."""
+    """A DLQ record: the raw bytes base64 (their full length and SHA-256 alongside), the parse error, the
+    original headers, where it came from; header values and raw bytes together at most DLQ_RAW_MAX_BYTES."""
     raw = raw or b""
+    budget = DLQ_RAW_MAX_BYTES  # shared by the header values (kept first: they carry the correlation id)
+    kept_headers = []
+    for k, v in headers:
+        value = (v or b"")[: max(0, budget)]
+        budget -= len(value)
+        kept_headers.append([k, base64.b64encode(value).decode()])
+    kept = raw[: max(0, budget)]
     body = {
         "error": error,
-        "raw_base64": base64.b64encode(raw[:DLQ_RAW_MAX_BYTES]).decode(),
+        "raw_base64": base64.b64encode(kept).decode(),
         "raw_bytes": len(raw),
-        "raw_truncated": len(raw) > DLQ_RAW_MAX_BYTES,
+        "raw_truncated": len(kept) < len(raw),
         "raw_sha256": hashlib.sha256(raw).hexdigest(),
-        "headers": [[k, base64.b64encode(v or b"").decode()] for k, v in headers],
+        "headers": kept_headers,
+        "headers_truncated": sum(len(v or b"") for _, v in headers) > DLQ_RAW_MAX_BYTES,
         "source": source,
     }
     cid = next((v.decode(errors="replace") for k, v in headers if k == "correlation_id" and v), "")
@@ -185,6 +193,8 @@ class Emitter:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Per topic without metadata yet, its latest round of sends (see _send).
         self._unknown: dict[str, asyncio.Task[None]] = {}
+        #: Topics whose metadata could not be had: until when to fail their rounds at once, and why.
+        self._no_metadata: dict[str, tuple[float, Exception]] = {}
 
     async def publish(self, messages: list[Outgoing], after: asyncio.Future[None] | None = None) -> None:
         """Send the messages and wait until Kafka acknowledged all of them. With `after`, they are sent
@@ -249,7 +259,7 @@ class Emitter:
             if parts is None:
                 known = cluster.partitions_for_topic(topic)
                 parts = partitions[topic] = tuple(sorted(known)) if known else ()
-            if not parts:  # unknown topic metadata: -1 sends through `send()`, which waits for it
+            if not parts or topic in self._unknown:  # no metadata (yet): sent in order beside the pump
                 key, partition = (m.key.encode() if m.key is not None else None), -1
             elif m.key is not None:
                 key = m.key.encode()
@@ -263,9 +273,10 @@ class Emitter:
 
     async def _send(self, topic: str, partition: int, items: list[_Item]) -> None:
         if partition < 0:
-            # No metadata for the topic yet: `send()` waits for it, up to the request timeout (40 s) when
-            # the topic does not exist. That wait runs beside the pump, not in it: other topics go on.
-            # Rounds for one such topic still go out in order (each waits for the one before).
+            # No metadata for the topic yet: it is waited for once per round, up to the request timeout
+            # (40 s) when the topic does not exist, beside the pump: other topics go on. Rounds for one such
+            # topic go out in order (each waits for the one before); after a failed wait the topic's rounds
+            # fail at once for _NO_METADATA_S.
             before = self._unknown.get(topic)
             task = asyncio.create_task(self._send_unknown(topic, items, before))
             self._unknown[topic] = task
@@ -274,12 +285,15 @@ class Emitter:
         batch = self.producer.create_batch()
         counts: dict[_Waiter, int] = {}
         for m, key, waiter in items:
-            if batch.append(key=key, value=m.value, timestamp=None, headers=_headers(m)) is None:
-                await self._submit(batch, topic, partition, counts)  # full: send it, start another
-                batch, counts = self.producer.create_batch(), {}
+            try:
                 if batch.append(key=key, value=m.value, timestamp=None, headers=_headers(m)) is None:
-                    waiter.fail(ValueError(f"event of {len(m.value)} bytes exceeds the batch size"))
-                    continue
+                    await self._submit(batch, topic, partition, counts)  # full: send it, start another
+                    batch, counts = self.producer.create_batch(), {}
+                    if batch.append(key=key, value=m.value, timestamp=None, headers=_headers(m)) is None:
+                        raise ValueError(f"event of {len(m.value)} bytes exceeds the batch size")
+            except Exception as exc:  # a record the batch refuses: only its own publish fails
+                waiter.fail(exc)
+                continue
             counts[waiter] = counts.get(waiter, 0) + 1
         if counts:
             await self._submit(batch, topic, partition, counts)
@@ -287,10 +301,23 @@ class Emitter:
     async def _send_unknown(self, topic: str, items: list[_Item], before: asyncio.Task[None] | None) -> None:
         if before is not None:
             await asyncio.wait([before])
+        try:
+            failed = self._no_metadata.get(topic)
+            if failed is not None and time.monotonic() < failed[0]:
+                raise failed[1]  # it was just found missing: fail at once, not after another wait
+            await self.producer.partitions_for(topic)  # one metadata wait for the whole round
+        except Exception as exc:  # handed to the waiting callers, which fail their requests
+            self._no_metadata[topic] = (time.monotonic() + _NO_METADATA_S, exc)
+            for _, _, waiter in items:
+                waiter.fail(exc)
+            return
+        self._no_metadata.pop(topic, None)
         for m, key, waiter in items:
+            if waiter.future.done():  # failed already (another of its events), or cancelled
+                continue
             try:
                 delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
-            except Exception as exc:  # handed to the waiting caller, which fails its request
+            except Exception as exc:
                 waiter.fail(exc)
                 continue
             delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
@@ -336,6 +363,9 @@ class _Waiter:
 
 
 _Item = tuple[Outgoing, bytes | None, _Waiter]
+
+#: How long a topic whose metadata could not be had fails its publishes at once.
+_NO_METADATA_S = 30.0
 
 
 # The Java client's seed for murmur2 (org.apache.kafka.common.utils.Utils.murmur2).

@@ -78,12 +78,14 @@ class Handler:
         self.outcomes.mark_emitted_soon(job.request_id)
 
     async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
-        """After the poison attempts are spent: the DLQ record and, when the request is readable, its
-        terminal result: the stored one if an outcome was recorded (it may be out already: never a second,
-        contradicting one), else INTERNAL_ERROR; VALIDATION_ERROR for an invalid request."""
+        """After the poison attempts are spent: the DLQ record, then the request's terminal events when it
+        is readable: the stored ones if an outcome was recorded (they may be out already: never a second,
+        contradicting result), else INTERNAL_ERROR; VALIDATION_ERROR for an invalid request."""
         metrics.labelled(metrics.DLQ, "poison").inc()
-        messages = [self._dlq(record, f"processing failed: {type(error).__name__}: {error}")]
+        # First and alone: retried by the consumer until it lands, and never sent twice by the fallbacks.
+        await self.emitter.publish([self._dlq(record, f"processing failed: {type(error).__name__}: {error}")])
         callback: str | None = None
+        events: list[Outgoing] = []
         try:
             job = decode_request(
                 record.value, _header(record.headers, "correlation_id"), self.topics.comparison_result
@@ -91,35 +93,38 @@ class Handler:
         except Unparseable:
             job = None
         except Invalid as exc:
-            job, callback = None, exc.callback_topic
-            messages += self._invalid_events(exc)
+            job, callback, events = None, exc.callback_topic, self._invalid_events(exc)
         if job is not None:
             callback = job.callback_topic
             stored = await self.outcomes.get(job.request_id)
             if stored is not None:
-                messages += [m for m in stored.messages if m.kind == "result"]
+                events = stored.to_replay()
             else:
                 call = self.orchestrator.resolve(job.request)
                 err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
-                messages += self._events(job, CallOutcome(call, error=err), 0, cache="miss")
-        try:
-            await self.emitter.publish(messages)
-        except Exception as exc:
-            default = self.topics.comparison_result
-            if callback is None or callback == default:
-                raise  # retried by the consumer until Kafka takes it
-            # The request's own callback topic may be what failed (missing, refused): it must not hold the
-            # partition. The result goes to the default result topic instead, with the DLQ record.
-            log.warning(
-                "publish failed; result sent to the default result topic",
-                extra={"callback_topic": callback, "error": repr(exc)},
-            )
-            await self.emitter.publish(
-                [
-                    Outgoing(m.kind, default, m.key, m.value, m.correlation_id) if m.topic == callback else m
-                    for m in messages
-                ]
-            )
+                events = self._events(job, CallOutcome(call, error=err), 0, cache="miss")
+        if events:
+            await self._publish_terminal(events, callback)
+
+    async def _publish_terminal(self, events: list[Outgoing], callback: str | None) -> None:
+        """Publish a poison request's events. What failed may be one of them: its callback topic (missing,
+        refused) or another event's topic. Then the result alone goes out, on the default result topic
+        when the callback topic is not it, so that the partition is never held by what cannot be sent."""
+        default = self.topics.comparison_result
+        results = [m for m in events if m.kind == "result"]
+        redirected = [Outgoing(m.kind, default, m.key, m.value, m.correlation_id) for m in results]
+        tries = [events, results, redirected] if callback not in (None, default) else [events, results]
+        for i, messages in enumerate(tries):
+            try:
+                await self.emitter.publish(messages)
+                return
+            except Exception as exc:
+                if i == len(tries) - 1 or not tries[i + 1]:
+                    raise  # retried by the consumer until Kafka takes it
+                log.warning(
+                    "publish of a poison request's events failed; trying its result alone",
+                    extra={"callback_topic": callback, "error": repr(exc)},
+                )
 
     async def process(self, job: Job) -> list[Outgoing]:
         t0 = time.perf_counter()

@@ -116,7 +116,7 @@ def _explain(
         request_id=request_id if isinstance(request_id, str) and request_id else str(doc.get("event_id", "")),
         # The result of an invalid request goes to its callback topic only if that is a usable name.
         callback_topic=callback
-        if isinstance(callback, str) and len(callback) <= 249 and _TOPIC_NAME.match(callback)
+        if isinstance(callback, str) and callback and len(callback) <= 249 and _TOPIC_NAME.fullmatch(callback)
         else default_topic,
         provider=named if isinstance(named, str) and named in _PROVIDERS else None,
     )

@@ -212,8 +212,11 @@ async def test_a_topic_without_metadata_does_not_hold_up_the_other_topics() -> N
         def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
             return None if topic == "new" else {0, 1, 2}
 
-        async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
+        async def partitions_for(self, topic: str) -> set[int]:
             await self.metadata.wait()  # as aiokafka waits for the topic's metadata
+            return {0}
+
+        async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
             self.unknown_sent.append(value)
             acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             acked.set_result(None)
@@ -230,3 +233,56 @@ async def test_a_topic_without_metadata_does_not_hold_up_the_other_topics() -> N
     await asyncio.wait_for(asyncio.gather(first, second), 1)
     assert producer.unknown_sent == [b"n1", b"n2"]  # rounds for one topic keep their order
     await emitter.aclose()
+
+
+async def test_publishes_to_a_missing_topic_fail_after_one_metadata_wait_then_at_once() -> None:
+    from aiokafka.errors import UnknownTopicOrPartitionError
+
+    from worker.emit import Emitter
+
+    class Producer(_Producer):
+        waits = 0
+
+        def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
+            return None if topic == "missing" else {0, 1, 2}
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            self.waits += 1
+            await asyncio.sleep(0.05)  # standing in for the 40 s request timeout
+            raise UnknownTopicOrPartitionError()
+
+    producer = Producer()
+    emitter = Emitter(producer)  # type: ignore[arg-type]
+    missing = [Outgoing("result", "missing", f"k{i}", b"x", "c") for i in range(6)]
+    outcomes = await asyncio.gather(*(emitter.publish([m]) for m in missing), return_exceptions=True)
+    assert all(isinstance(o, UnknownTopicOrPartitionError) for o in outcomes)
+    assert producer.waits == 1  # one wait for the round, not one per event
+    with pytest.raises(UnknownTopicOrPartitionError):
+        await asyncio.wait_for(emitter.publish(missing[:1]), 0.02)  # known missing: fails at once
+    assert producer.waits == 1
+    await emitter.aclose()
+
+
+@pytest.mark.parametrize(
+    ("raw_kb", "header_kb", "headers_truncated"),
+    [(900, 0, False), (600, 450, False), (10, 700, True), (0, 512, True)],
+)
+def test_a_dlq_record_fits_kafkas_1_mb_limit_whatever_came_in(
+    raw_kb: int, header_kb: int, headers_truncated: bool
+) -> None:
+    import base64
+    import hashlib
+
+    from worker.emit import make_dlq_record
+
+    raw = b"r" * (raw_kb * 1024)
+    headers = [("correlation_id", b"cid"), ("big", b"h" * (header_kb * 1024))]
+    record = make_dlq_record("dlq", raw, "not JSON", headers, {"offset": 1})
+    body = json.loads(record.value)
+    assert len(record.value) < 1_000_000
+    assert body["raw_bytes"] == len(raw) and body["raw_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert raw.startswith(base64.b64decode(body["raw_base64"]))
+    assert body["raw_truncated"] is (len(base64.b64decode(body["raw_base64"])) < len(raw))
+    assert body["headers_truncated"] is headers_truncated
+    assert body["headers"][0] == ["correlation_id", base64.b64encode(b"cid").decode()]
+    assert record.correlation_id == "cid"

@@ -62,7 +62,7 @@ def test_schema_violation_is_invalid_and_names_the_fields() -> None:
     assert (err.value.request_id, err.value.callback_topic) == ("r9", "cb")
 
 
-@pytest.mark.parametrize("topic", ["no such topic!", "results/other", ".", "..", "é", "x" * 250])
+@pytest.mark.parametrize("topic", ["no such topic!", "results/other", ".", "..", "é", "x" * 250, "foo\n"])
 def test_a_callback_topic_kafka_would_refuse_is_invalid_and_its_result_goes_to_the_default_topic(
     topic: str,
 ) -> None:
@@ -77,6 +77,10 @@ def test_a_callback_topic_kafka_would_refuse_is_invalid_and_its_result_goes_to_t
 @pytest.mark.parametrize("topic", ["a", "team.results_v1-eu", "...", "x" * 249])
 def test_legal_callback_topic_names_are_accepted(topic: str) -> None:
     assert decode_request(_envelope(callback_topic=topic), None, DEFAULT_TOPIC).callback_topic == topic
+
+
+def test_an_empty_callback_topic_still_means_the_default_topic() -> None:
+    assert decode_request(_envelope(callback_topic=""), None, DEFAULT_TOPIC).callback_topic == DEFAULT_TOPIC
 
 
 @pytest.mark.parametrize(
