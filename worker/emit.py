@@ -17,6 +17,7 @@ from uuid import UUID
 
 import pydantic_core
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 from murmurhash2 import murmurhash2
 from pydantic import BaseModel
 
@@ -193,8 +194,10 @@ class Emitter:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Per topic without metadata yet, its latest round of sends (see _send).
         self._unknown: dict[str, asyncio.Task[None]] = {}
-        #: Topics whose metadata could not be had: until when to fail their rounds at once, and why.
-        self._no_metadata: dict[str, tuple[float, Exception]] = {}
+        #: Every round still going for a topic without metadata (aclose cancels them all).
+        self._chains: set[asyncio.Task[None]] = set()
+        #: Topics whose metadata could not be had: until when their rounds fail at once.
+        self._no_metadata: dict[str, float] = {}
 
     async def publish(self, messages: list[Outgoing], after: asyncio.Future[None] | None = None) -> None:
         """Send the messages and wait until Kafka acknowledged all of them. With `after`, they are sent
@@ -280,6 +283,7 @@ class Emitter:
             before = self._unknown.get(topic)
             task = asyncio.create_task(self._send_unknown(topic, items, before))
             self._unknown[topic] = task
+            self._chains.add(task)
             task.add_done_callback(functools.partial(self._unknown_done, topic))
             return
         batch = self.producer.create_batch()
@@ -299,30 +303,50 @@ class Emitter:
             await self._submit(batch, topic, partition, counts)
 
     async def _send_unknown(self, topic: str, items: list[_Item], before: asyncio.Task[None] | None) -> None:
-        if before is not None:
-            await asyncio.wait([before])
         try:
-            failed = self._no_metadata.get(topic)
-            if failed is not None and time.monotonic() < failed[0]:
-                raise failed[1]  # it was just found missing: fail at once, not after another wait
-            await self.producer.partitions_for(topic)  # one metadata wait for the whole round
-        except Exception as exc:  # handed to the waiting callers, which fail their requests
-            self._no_metadata[topic] = (time.monotonic() + _NO_METADATA_S, exc)
+            if before is not None:
+                await asyncio.wait([before])
+            await self._send_unknown_round(topic, items)
+        except BaseException:  # cancelled (aclose): the publishes still waiting must not wait for ever
             for _, _, waiter in items:
-                waiter.fail(exc)
-            return
-        self._no_metadata.pop(topic, None)
-        for m, key, waiter in items:
-            if waiter.future.done():  # failed already (another of its events), or cancelled
-                continue
+                if not waiter.future.done():
+                    waiter.future.cancel()
+            raise
+
+    async def _send_unknown_round(self, topic: str, items: list[_Item]) -> None:
+        failed_until = self._no_metadata.get(topic)
+        known = self.producer.client.cluster.partitions_for_topic(topic) is not None
+        if failed_until is not None and time.monotonic() < failed_until and not known:
+            # Just found missing: fail at once rather than after another wait.
+            error: Exception = UnknownTopicOrPartitionError(f"no metadata for topic {topic!r}")
+        else:
             try:
-                delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
-            except Exception as exc:
-                waiter.fail(exc)
-                continue
-            delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
+                await self.producer.partitions_for(topic)  # one metadata wait for the whole round
+            except Exception as exc:  # handed to the waiting callers, which fail their requests
+                now = time.monotonic()
+                if len(self._no_metadata) >= _NO_METADATA_MAX:  # topic names come from requests
+                    self._no_metadata = {t: until for t, until in self._no_metadata.items() if until > now}
+                    if len(self._no_metadata) >= _NO_METADATA_MAX:
+                        self._no_metadata.clear()
+                self._no_metadata[topic] = now + _NO_METADATA_S
+                error = exc
+            else:
+                self._no_metadata.pop(topic, None)
+                for m, key, waiter in items:
+                    if waiter.future.done():  # failed already (another of its events), or cancelled
+                        continue
+                    try:
+                        delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
+                    except Exception as exc:
+                        waiter.fail(exc)
+                        continue
+                    delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
+                return
+        for _, _, waiter in items:
+            waiter.fail(error)
 
     def _unknown_done(self, topic: str, task: asyncio.Task[None]) -> None:
+        self._chains.discard(task)
         if self._unknown.get(topic) is task:
             del self._unknown[topic]
 
@@ -336,7 +360,7 @@ class Emitter:
         delivery.add_done_callback(functools.partial(_settle, counts))
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._pump_task, *self._unknown.values()) if t is not None]
+        tasks = [t for t in (self._pump_task, *self._chains) if t is not None]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -364,8 +388,10 @@ class _Waiter:
 
 _Item = tuple[Outgoing, bytes | None, _Waiter]
 
-#: How long a topic whose metadata could not be had fails its publishes at once.
+#: How long a topic whose metadata could not be had fails its publishes at once, and how many such topics
+#: are remembered.
 _NO_METADATA_S = 30.0
+_NO_METADATA_MAX = 1024
 
 
 # The Java client's seed for murmur2 (org.apache.kafka.common.utils.Utils.murmur2).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -49,6 +49,8 @@ class Handler:
     service_name: str
     cache: AnswerCache | None = None
     spend: SpendTracker | None = None
+    #: Poison records whose DLQ record landed while their terminal events did not yet (retried).
+    _dead_lettered: set[tuple[str, int, int]] = field(default_factory=set)
 
     async def handle(self, record: ConsumerRecord) -> None:
         header_cid = _header(record.headers, "correlation_id")
@@ -81,9 +83,13 @@ class Handler:
         """After the poison attempts are spent: the DLQ record, then the request's terminal events when it
         is readable: the stored ones if an outcome was recorded (they may be out already: never a second,
         contradicting result), else INTERNAL_ERROR; VALIDATION_ERROR for an invalid request."""
-        metrics.labelled(metrics.DLQ, "poison").inc()
-        # First and alone: retried by the consumer until it lands, and never sent twice by the fallbacks.
-        await self.emitter.publish([self._dlq(record, f"processing failed: {type(error).__name__}: {error}")])
+        where = (record.topic, record.partition, record.offset)
+        if where not in self._dead_lettered:  # the consumer retries this whole call until it returns
+            metrics.labelled(metrics.DLQ, "poison").inc()
+            await self.emitter.publish(
+                [self._dlq(record, f"processing failed: {type(error).__name__}: {error}")]
+            )
+            self._dead_lettered.add(where)
         callback: str | None = None
         events: list[Outgoing] = []
         try:
@@ -105,6 +111,7 @@ class Handler:
                 events = self._events(job, CallOutcome(call, error=err), 0, cache="miss")
         if events:
             await self._publish_terminal(events, callback)
+        self._dead_lettered.discard(where)
 
     async def _publish_terminal(self, events: list[Outgoing], callback: str | None) -> None:
         """Publish a poison request's events. What failed may be one of them: its callback topic (missing,

@@ -524,3 +524,37 @@ async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_
     assert {r["data"]["winner"] for r in results} <= {"Essay A", "Essay B"} and results
     assert len({r["event_id"] for r in results}) == 1  # the same event each time: consumers drop copies
     assert dlq["error"].startswith("processing failed: KafkaConnectionError")
+
+
+async def test_a_poison_message_whose_result_takes_retries_to_land_is_dead_lettered_once(
+    prefix, topics_for, kafka_for
+):
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    refusals = 0
+    async with running_worker(settings) as runtime:
+        real_handle, real_publish = runtime.loop.handle, runtime.emitter.publish
+
+        async def buggy_handle(record: ConsumerRecord) -> None:
+            if b"poison-2" in record.value:
+                raise RuntimeError("handler bug")
+            await real_handle(record)
+
+        async def publish(messages: list[Any], after: Any = None) -> None:
+            nonlocal refusals
+            if any(m.kind == "result" and m.key == "poison-2" for m in messages) and refusals < 2:
+                refusals += 1
+                raise KafkaConnectionError("result topic briefly unavailable")
+            await real_publish(messages, after=after)
+
+        runtime.loop.handle = buggy_handle
+        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        await kafka.send(request_envelope(request_id="poison-2"))
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1, timeout_s=60)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 1}
+        await asyncio.sleep(0.3)
+    assert refusals == 2
+    assert len(kafka.of(kafka.topics.dlq)) == 1  # not once per try of the result
+    assert result["data"]["error_detail"]["error_code"] == "PROCESSING_ERROR"

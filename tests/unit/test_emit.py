@@ -286,3 +286,65 @@ def test_a_dlq_record_fits_kafkas_1_mb_limit_whatever_came_in(
     assert body["headers_truncated"] is headers_truncated
     assert body["headers"][0] == ["correlation_id", base64.b64encode(b"cid").decode()]
     assert record.correlation_id == "cid"
+
+
+async def test_a_missing_topic_is_waited_for_again_once_its_30_s_are_over_whatever_the_traffic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time as real_time
+
+    from aiokafka.errors import UnknownTopicOrPartitionError
+
+    import worker.emit as emit
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def time(self) -> float:
+            return real_time.time()
+
+    clock = Clock()
+    monkeypatch.setattr(emit, "time", clock)
+
+    class Producer(_Producer):
+        waits = 0
+
+        def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
+            return None if topic == "missing" else {0, 1, 2}
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            self.waits += 1
+            raise UnknownTopicOrPartitionError()
+
+    producer = Producer()
+    emitter = emit.Emitter(producer)  # type: ignore[arg-type]
+    event = [Outgoing("result", "missing", "k", b"x", "c")]
+    for at, waits in [(0, 1), (20, 1), (29, 1), (31, 2), (40, 2), (62, 3)]:
+        clock.now = 1000.0 + at
+        with pytest.raises(UnknownTopicOrPartitionError):
+            await asyncio.wait_for(emitter.publish(event), 1)
+        assert producer.waits == waits, at  # failing at once does not extend the 30 s
+    await emitter.aclose()
+
+
+async def test_aclose_cancels_the_publishes_still_waiting_for_a_topics_metadata() -> None:
+    from worker.emit import Emitter
+
+    class Producer(_Producer):
+        def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
+            return None
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            await asyncio.sleep(60)
+            return {0}
+
+    emitter = Emitter(Producer())  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(emitter.publish(_events(1))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    await emitter.aclose()
+    for task in waiting:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 1)
