@@ -59,6 +59,18 @@ def to_cached(value: str) -> CachedAnswer | None:
     return ANSWER if value == "answer" else None
 
 
+def _observe_polls(cache: AnswerCache) -> asyncio.Event:
+    """An event set once `cache` polls Redis for another replica's answer."""
+    polled, peek = asyncio.Event(), cache._peek
+
+    async def observed_peek(*args: Any) -> Any:
+        polled.set()
+        return await peek(*args)
+
+    cache._peek = observed_peek  # type: ignore[method-assign]
+    return polled
+
+
 async def test_identical_requests_in_one_process_make_one_call(prefix, clients) -> None:
     cache, provider = replica(clients(), prefix), Provider()
     tasks = [
@@ -74,14 +86,7 @@ async def test_identical_requests_in_one_process_make_one_call(prefix, clients) 
 
 async def test_identical_requests_on_two_replicas_make_one_call(prefix, clients) -> None:
     a, b = replica(clients(), prefix), replica(clients(), prefix)
-    provider, polled = Provider(), asyncio.Event()
-    peek = b._peek
-
-    async def observed_peek(*args: Any) -> Any:
-        polled.set()
-        return await peek(*args)
-
-    b._peek = observed_peek  # type: ignore[method-assign]
+    provider, polled = Provider(), _observe_polls(b)
     leader = asyncio.create_task(a.serve(f"{prefix}:k", provider.call, to_cached, None))
     await provider.started.wait()
     waiters = [asyncio.create_task(b.serve(f"{prefix}:k", provider.call, to_cached, None)) for _ in range(5)]
@@ -196,14 +201,7 @@ async def test_a_refresh_never_gets_the_entry_it_was_asked_to_replace(prefix, cl
     a, b = replica(redis, prefix), replica(clients(), prefix)
     stale = CachedAnswer(ANSWER.answer, 9.0)
     await a.put(f"{prefix}:k", stale)
-    provider, polled = Provider(), asyncio.Event()
-    peek = b._peek
-
-    async def observed_peek(*args: Any) -> Any:
-        polled.set()
-        return await peek(*args)
-
-    b._peek = observed_peek  # type: ignore[method-assign]
+    provider, polled = Provider(), _observe_polls(b)
     leader = asyncio.create_task(a.serve(f"{prefix}:k", provider.call, to_cached, None, read=False))
     await provider.started.wait()
     refresh = asyncio.create_task(b.serve(f"{prefix}:k", provider.call, to_cached, None, read=False))

@@ -54,6 +54,19 @@ async def _run_loop(
     return loop, asyncio.create_task(loop.run())
 
 
+def _refuse_topic(runtime: Any, topic: str) -> None:
+    """Make the worker's producer refuse every event for `topic`, as for a topic that does not exist where
+    the broker creates none."""
+    real_publish = runtime.emitter.publish
+
+    async def publish(messages: list[Any], after: Any = None) -> None:
+        if any(m.topic == topic for m in messages):
+            raise UnknownTopicOrPartitionError()
+        await real_publish(messages, after=after)
+
+    runtime.emitter.publish = publish
+
+
 async def test_commit_stays_at_lowest_unfinished_offset_until_it_finishes(prefix, topics_for, kafka_for):
     settings = make_settings(prefix, partitions=1, max_in_flight=200)
     await topics_for(settings)
@@ -363,14 +376,7 @@ async def test_a_callback_topic_that_cannot_be_written_does_not_hold_the_partiti
     await topics_for(settings)
     kafka = await kafka_for(settings)
     async with running_worker(settings) as runtime:
-        real_publish = runtime.emitter.publish
-
-        async def publish(messages: list[Any], after: Any = None) -> None:
-            if any(m.topic == "missing-callback" for m in messages):
-                raise UnknownTopicOrPartitionError()
-            await real_publish(messages, after=after)
-
-        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        _refuse_topic(runtime, "missing-callback")
         await kafka.send(request_envelope(request_id="cb-1", callback_topic="missing-callback"))
         env = request_envelope()
         await kafka.send(env)
@@ -479,14 +485,7 @@ async def test_an_invalid_request_whose_callback_topic_cannot_be_written_is_answ
     )
     bad["data"]["cache"] = "sometimes"
     async with running_worker(settings) as runtime:
-        real_publish = runtime.emitter.publish
-
-        async def publish(messages: list[Any], after: Any = None) -> None:
-            if any(m.topic == "missing-callback" for m in messages):
-                raise UnknownTopicOrPartitionError()
-            await real_publish(messages, after=after)
-
-        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        _refuse_topic(runtime, "missing-callback")
         await kafka.send_raw(json.dumps(bad).encode(), key="inv-1")
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
         [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
