@@ -235,7 +235,8 @@ class FifoSlots:
 
 
 class _LocalWindow:
-    """The same sliding window, in process: entries are [t, cost] so a grant can correct its own."""
+    """The same sliding window, in process: entries are [t, cost, live] so a grant can correct its own
+    while it is still in the window (live 1.0; 0.0 once it aged out, when a correction no longer counts)."""
 
     def __init__(self, limit: int, window_s: float) -> None:
         self.limit = limit
@@ -248,18 +249,20 @@ class _LocalWindow:
         if cost > self.limit:
             return math.inf
         while self.entries and self.entries[0][0] <= now - self.window_s:
-            self.used -= self.entries.popleft()[1]
+            gone = self.entries.popleft()
+            self.used -= gone[1]
+            gone[2] = 0.0
         need = self.used + cost - self.limit
         if need <= 0:
             return 0.0
-        for t, c in self.entries:
+        for t, c, _ in self.entries:
             need -= c
             if need <= 0:
                 return max(t + self.window_s - now, 1e-3)
         return 1e-3
 
     def take(self, cost: int, now: float) -> list[float]:
-        entry = [now, float(cost)]
+        entry = [now, float(cost), 1.0]
         self.entries.append(entry)
         self.used += cost
         return entry
@@ -295,7 +298,7 @@ class Limiter:
         self._pending_timer: asyncio.TimerHandle | None = None
         self._corrections: set[asyncio.Task[None]] = set()
         self._redis_down_until = -math.inf
-        self._queues: dict[str, asyncio.Lock] = {}
+        self._queues: dict[tuple[str, ...], asyncio.Lock] = {}
         self._slots: dict[str, FifoSlots] = {}
         self._local: dict[str, _LocalWindow] = {}
         self._targets: dict[tuple[str, str], _Target | None] = {}
@@ -334,10 +337,9 @@ class Limiter:
                 if lim.max_concurrency
             ],
             windows=windows,
-            # waiters queue per the first window in scope order, so a provider's limit is one queue
-            queue=self._queues.setdefault(in_scope_order[0].key, asyncio.Lock())
-            if windows
-            else asyncio.Lock(),
+            # waiters queue per set of windows: calls under the same limits keep one FIFO, and a waiter for
+            # a model's own limit does not hold up the provider's other models
+            queue=self._queues.setdefault(keys, asyncio.Lock()) if windows else asyncio.Lock(),
             keys=keys,
             token_keys=tuple(w.key for w in windows if w.is_tokens),
             args=args,
@@ -377,15 +379,29 @@ class Limiter:
         return grant
 
     async def _wait_for_windows(self, grant: Grant, target: _Target, until: float) -> None:
-        async with target.queue:  # FIFO: waiters of this limit queue here and only the head polls
-            while (wait_s := await self._try(grant, target)) > 0.0:
-                if wait_s == math.inf:
-                    raise self._refused(grant.provider, "the call needs more than a whole window's limit")
-                if self.clock() + wait_s > until:
-                    raise self._refused(
-                        grant.provider, f"no rate-limit capacity within the deadline ({wait_s:.1f}s)"
-                    )
-                await self.sleep(wait_s)
+        remaining = until - self.clock()
+        # FIFO: waiters of these limits queue here and only the head polls. The head may sleep a whole
+        # window, so waiting behind it is bounded by the deadline too.
+        try:
+            async with asyncio.timeout(None if remaining == math.inf else max(0.0, remaining)):
+                await target.queue.acquire()
+        except TimeoutError:
+            raise self._refused(grant.provider, "no rate-limit capacity within the deadline") from None
+        try:
+            await self._wait_at_head(grant, target, until)
+        finally:
+            target.queue.release()
+
+    async def _wait_at_head(self, grant: Grant, target: _Target, until: float) -> None:
+        """At the head of the queue: poll until the windows have room, or refuse."""
+        while (wait_s := await self._try(grant, target)) > 0.0:
+            if wait_s == math.inf:
+                raise self._refused(grant.provider, "the call needs more than a whole window's limit")
+            if self.clock() + wait_s > until:
+                raise self._refused(
+                    grant.provider, f"no rate-limit capacity within the deadline ({wait_s:.1f}s)"
+                )
+            await self.sleep(wait_s)
 
     async def _try(self, grant: Grant, target: _Target) -> float:
         """0.0 when taken; else seconds to wait. The call also carries queued token corrections."""
@@ -450,8 +466,9 @@ class Limiter:
         if delta == 0:
             return
         for lw, entry in grant.local:
-            entry[1] += delta
-            lw.used += delta
+            if entry[2]:  # a call that outlived the window: its entry is gone, and so is its count
+                entry[1] += delta
+                lw.used += delta
         if not grant.token_keys:
             return
         loop = asyncio.get_running_loop()

@@ -352,6 +352,11 @@ class Orchestrator:
         except BaseException:
             breaker.release()
             raise
+        if grant is not None and deadline_s is not None and self.clock() >= deadline_s:
+            # Capacity came too late: no call, and what it took is given back.
+            await self.limiter.settle(grant, None)  # type: ignore[union-attr]
+            breaker.release()
+            raise RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for rate-limit capacity")
         answer: Answer | None = None
         error: WorkerError | None = None
         started_at, t0 = utc_now(), time.perf_counter()

@@ -189,3 +189,41 @@ async def test_the_memo_of_limits_per_model_stays_bounded_whatever_models_reques
     for i in range(_MAX_TARGETS + 10):
         await limiter.acquire("p", f"model-{i}", 1)
     assert len(limiter._targets) <= _MAX_TARGETS
+
+
+async def test_a_correction_for_a_call_that_outlived_the_window_does_not_skew_the_local_window() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(tokens_per_minute=1000)}, t)
+    long_call = await limiter.acquire("p", "m", 400)
+    t.now += 61  # the call outlived the window: its entry has aged out
+    await limiter.acquire("p", "m", 600)
+    await limiter.settle(long_call, 10)  # its estimate no longer counts, so neither does its correction
+    await limiter.acquire("p", "m", 400)  # 600 + 400 fill the window exactly
+    assert t.sleeps == []
+    await limiter.acquire("p", "m", 1)  # and one more token must wait for the window to move
+    assert t.sleeps == [pytest.approx(60.0)]
+
+
+async def test_waiting_behind_the_queues_head_is_bounded_by_the_deadline() -> None:
+    # Real time: the head of the queue sleeps for the window to move while a later caller waits behind it.
+    limiter = Limiter(None, {"p": Limit(requests_per_minute=1)}, "k", window_s=2.0)
+    await limiter.acquire("p", "m", 1)
+    head = asyncio.create_task(limiter.acquire("p", "m", 1))  # sleeps about 2 s for the window
+    await asyncio.sleep(0.01)
+    with pytest.raises(ProviderError) as caught:
+        await limiter.acquire("p", "m", 1, deadline_s=time.monotonic() + 0.1)
+    assert caught.value.code is ErrorCode.RATE_LIMIT
+    assert not head.done()  # refused at its deadline, not after the head got its turn
+    head.cancel()
+
+
+async def test_a_waiter_for_one_models_limit_does_not_hold_up_the_providers_other_models() -> None:
+    limiter = Limiter(
+        None, {"p": Limit(requests_per_minute=100), "p:x": Limit(requests_per_minute=1)}, "k", window_s=2.0
+    )
+    await limiter.acquire("p", "x", 1)
+    waiting_x = asyncio.create_task(limiter.acquire("p", "x", 1))  # x's own window is full
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(limiter.acquire("p", "y", 1, deadline_s=time.monotonic() + 0.3), 0.3)
+    assert not waiting_x.done()
+    waiting_x.cancel()

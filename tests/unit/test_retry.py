@@ -185,3 +185,26 @@ async def test_a_provider_message_quoting_the_prompt_is_withheld_but_its_code_ke
         assert outcome.error is not None
         assert outcome.error.code is ErrorCode.CONTENT_TOO_LONG
         assert outcome.error.message == expected
+
+
+async def test_capacity_granted_after_the_deadline_is_given_back_and_the_call_expires() -> None:
+    from worker.limits import Grant
+
+    time = FakeTime()
+
+    class LateLimiter:
+        settled: list[int | None] = []
+
+        async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None) -> Grant:
+            time.now += 5  # the wait for capacity ran past the deadline
+            return Grant(provider, tokens)
+
+        async def settle(self, grant: Grant, used: int | None) -> None:
+            self.settled.append(used)
+
+    p = Scripted("p")
+    orchestrator = make(p, time=time)
+    orchestrator.limiter = LateLimiter()  # type: ignore[assignment]
+    outcome = await orchestrator.run(CALL, time.now + 1)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED
+    assert p.calls == [] and LateLimiter.settled == [None]
