@@ -402,7 +402,14 @@ class Orchestrator:
         if grant is not None and self.limiter is not None:
             await self.limiter.settle(grant, usage.total_tokens if usage else None)
         if error is not None and error.code is ErrorCode.EXPIRED:
-            breaker.release()
+            # Cut by the request's deadline: not the provider's fault, unless the call had already run
+            # well past the provider's usual time. A provider that hangs then still trips its breaker
+            # when deadlines are shorter than the HTTP read timeout.
+            p95 = self.router.latency_p95_s(call.provider)
+            if p95 is not None and duration_s > _SLOW_CALL_P95_FACTOR * p95:
+                breaker.record(ErrorCode.TIMEOUT)
+            else:
+                breaker.release()
         else:
             breaker.record(error.code if error else None)
             self.router.observe_latency(call.provider, duration_s)
@@ -456,6 +463,11 @@ class Orchestrator:
             await self.limiter.aclose()
         for provider in self.providers.values():
             await provider.aclose()
+
+
+#: A call cut by its deadline after running this many times its provider's p95 latency counts against the
+#: provider's breaker as a TIMEOUT.
+_SLOW_CALL_P95_FACTOR = 2.0
 
 
 @functools.cache
