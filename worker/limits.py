@@ -298,7 +298,7 @@ class Limiter:
         self._pending_timer: asyncio.TimerHandle | None = None
         self._corrections: set[asyncio.Task[None]] = set()
         self._redis_down_until = -math.inf
-        self._queues: dict[tuple[str, ...], asyncio.Lock] = {}
+        self._queues: dict[str, asyncio.Lock] = {}
         self._slots: dict[str, FifoSlots] = {}
         self._local: dict[str, _LocalWindow] = {}
         self._targets: dict[tuple[str, str], _Target | None] = {}
@@ -337,9 +337,12 @@ class Limiter:
                 if lim.max_concurrency
             ],
             windows=windows,
-            # waiters queue per set of windows: calls under the same limits keep one FIFO, and a waiter for
-            # a model's own limit does not hold up the provider's other models
-            queue=self._queues.setdefault(keys, asyncio.Lock()) if windows else asyncio.Lock(),
+            # waiters queue per the first window in scope order, so a provider's limit is one queue (a
+            # waiter for a model's own limit also holds up the provider's other models, up to their
+            # deadlines)
+            queue=self._queues.setdefault(in_scope_order[0].key, asyncio.Lock())
+            if windows
+            else asyncio.Lock(),
             keys=keys,
             token_keys=tuple(w.key for w in windows if w.is_tokens),
             args=args,

@@ -353,7 +353,7 @@ class Orchestrator:
             breaker.release()
             raise
         if grant is not None and deadline_s is not None and self.clock() >= deadline_s:
-            # Capacity came too late: no call, and what it took is given back.
+            # Capacity came too late: no call, and its token estimate is given back.
             await self.limiter.settle(grant, None)  # type: ignore[union-attr]
             breaker.release()
             raise RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for rate-limit capacity")
@@ -402,14 +402,7 @@ class Orchestrator:
         if grant is not None and self.limiter is not None:
             await self.limiter.settle(grant, usage.total_tokens if usage else None)
         if error is not None and error.code is ErrorCode.EXPIRED:
-            # Cut by the request's deadline: not the provider's fault, unless the call had already run
-            # well past the provider's usual time. A provider that hangs then still trips its breaker
-            # when deadlines are shorter than the HTTP read timeout.
-            p95 = self.router.latency_p95_s(call.provider)
-            if p95 is not None and duration_s > _SLOW_CALL_P95_FACTOR * p95:
-                breaker.record(ErrorCode.TIMEOUT)
-            else:
-                breaker.release()
+            breaker.release()
         else:
             breaker.record(error.code if error else None)
             self.router.observe_latency(call.provider, duration_s)
@@ -463,11 +456,6 @@ class Orchestrator:
             await self.limiter.aclose()
         for provider in self.providers.values():
             await provider.aclose()
-
-
-#: A call cut by its deadline after running this many times its provider's p95 latency counts against the
-#: provider's breaker as a TIMEOUT.
-_SLOW_CALL_P95_FACTOR = 2.0
 
 
 @functools.cache

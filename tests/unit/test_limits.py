@@ -215,15 +215,5 @@ async def test_waiting_behind_the_queues_head_is_bounded_by_the_deadline() -> No
     assert caught.value.code is ErrorCode.RATE_LIMIT
     assert not head.done()  # refused at its deadline, not after the head got its turn
     head.cancel()
-
-
-async def test_a_waiter_for_one_models_limit_does_not_hold_up_the_providers_other_models() -> None:
-    limiter = Limiter(
-        None, {"p": Limit(requests_per_minute=100), "p:x": Limit(requests_per_minute=1)}, "k", window_s=2.0
-    )
-    await limiter.acquire("p", "x", 1)
-    waiting_x = asyncio.create_task(limiter.acquire("p", "x", 1))  # x's own window is full
-    await asyncio.sleep(0.01)
-    await asyncio.wait_for(limiter.acquire("p", "y", 1, deadline_s=time.monotonic() + 0.3), 0.3)
-    assert not waiting_x.done()
-    waiting_x.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await head

@@ -208,35 +208,3 @@ async def test_capacity_granted_after_the_deadline_is_given_back_and_the_call_ex
     outcome = await orchestrator.run(CALL, time.now + 1)
     assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED
     assert p.calls == [] and LateLimiter.settled == [None]
-
-
-async def test_a_provider_that_hangs_trips_its_breaker_even_when_deadlines_cut_every_call() -> None:
-    import asyncio
-    import time as real_time
-
-    from worker.breaker import BreakerPolicy, Breakers
-
-    class Hanging(Scripted):
-        async def compare(self, call: ComparisonCall) -> Answer:
-            if len(self.calls) >= 20:  # after 20 quick answers (its p95 is known) it stops answering
-                self.calls.append(call)
-                await asyncio.sleep(60)
-            return await super().compare(call)
-
-    p = Hanging("p")
-    orchestrator = Orchestrator(
-        {"p": p},  # type: ignore[dict-item]
-        PriceTable({}),
-        ProviderName.MOCK,
-        breakers=Breakers(BreakerPolicy(failure_threshold=3, window_s=60, recovery_s=60)),
-    )
-    for _ in range(20):
-        assert (await orchestrator.run(CALL, None)).answer is not None
-    codes = []
-    for _ in range(5):
-        outcome = await orchestrator.run(CALL, real_time.monotonic() + 0.05)
-        assert outcome.error is not None
-        codes.append(outcome.error.code)
-    # three calls cut by their deadline after far longer than usual, then the breaker fails fast
-    assert codes == [ErrorCode.EXPIRED] * 3 + [ErrorCode.PROVIDER_UNAVAILABLE] * 2
-    assert len(p.calls) == 23
