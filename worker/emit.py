@@ -314,36 +314,38 @@ class Emitter:
             raise
 
     async def _send_unknown_round(self, topic: str, items: list[_Item]) -> None:
-        failed_until = self._no_metadata.get(topic)
-        known = self.producer.client.cluster.partitions_for_topic(topic) is not None
-        if failed_until is not None and time.monotonic() < failed_until and not known:
-            # Just found missing: fail at once rather than after another wait.
-            error: Exception = UnknownTopicOrPartitionError(f"no metadata for topic {topic!r}")
-        else:
+        error = await self._metadata_error(topic)
+        for m, key, waiter in items:
+            if error is not None:  # handed to the waiting callers, which fail their requests
+                waiter.fail(error)
+                continue
+            if waiter.future.done():  # failed already (another of its events), or cancelled
+                continue
             try:
-                await self.producer.partitions_for(topic)  # one metadata wait for the whole round
-            except Exception as exc:  # handed to the waiting callers, which fail their requests
-                now = time.monotonic()
-                if len(self._no_metadata) >= _NO_METADATA_MAX:  # topic names come from requests
-                    self._no_metadata = {t: until for t, until in self._no_metadata.items() if until > now}
-                    if len(self._no_metadata) >= _NO_METADATA_MAX:
-                        self._no_metadata.clear()
-                self._no_metadata[topic] = now + _NO_METADATA_S
-                error = exc
-            else:
-                self._no_metadata.pop(topic, None)
-                for m, key, waiter in items:
-                    if waiter.future.done():  # failed already (another of its events), or cancelled
-                        continue
-                    try:
-                        delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
-                    except Exception as exc:
-                        waiter.fail(exc)
-                        continue
-                    delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
-                return
-        for _, _, waiter in items:
-            waiter.fail(error)
+                delivery = await self.producer.send(topic, m.value, key=key, headers=_headers(m))
+            except Exception as exc:
+                waiter.fail(exc)
+                continue
+            delivery.add_done_callback(functools.partial(_settle, {waiter: 1}))
+
+    async def _metadata_error(self, topic: str) -> Exception | None:
+        """None once the topic's metadata is there (one wait for the round); else why not. Within
+        _NO_METADATA_S of a failed wait the answer comes at once, and does not extend those seconds."""
+        now, cluster = time.monotonic(), self.producer.client.cluster
+        if now < self._no_metadata.get(topic, now) and cluster.partitions_for_topic(topic) is None:
+            return UnknownTopicOrPartitionError(f"no metadata for topic {topic!r}")
+        try:
+            await self.producer.partitions_for(topic)
+        except Exception as exc:
+            now = time.monotonic()
+            if len(self._no_metadata) >= _NO_METADATA_MAX:  # topic names come from requests
+                self._no_metadata = {t: until for t, until in self._no_metadata.items() if until > now}
+                if len(self._no_metadata) >= _NO_METADATA_MAX:
+                    self._no_metadata.clear()
+            self._no_metadata[topic] = now + _NO_METADATA_S
+            return exc
+        self._no_metadata.pop(topic, None)
+        return None
 
     def _unknown_done(self, topic: str, task: asyncio.Task[None]) -> None:
         self._chains.discard(task)

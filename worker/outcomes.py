@@ -113,9 +113,6 @@ class OutcomeStore:
         once the offset is committed there is no redelivery. aclose() waits for the ones still going."""
         self._queue_set(self.emitted_prefix + request_id, b"1", None, "mark_emitted")
 
-    def _marked(self, reply: asyncio.Future[Any]) -> None:
-        self._marking.discard(reply)
-
     async def aclose(self) -> None:
         """Wait for the emitted markers still on their way, then close the batch's connection."""
         if self._sets:  # queued this turn: send them now
@@ -159,24 +156,25 @@ class OutcomeStore:
         reply.add_done_callback(partial(self._hand_out_sets, sets))
         if any(future is None for _, _, future, _ in sets):  # emitted marks: aclose() waits for them
             self._marking.add(reply)
-            reply.add_done_callback(self._marked)
+            reply.add_done_callback(self._marking.discard)
 
     def _hand_out_sets(self, sets: list[_Set], reply: asyncio.Future[Any]) -> None:
         exc = None if reply.cancelled() else reply.exception()
+        down = exc if isinstance(exc, RedisError | OSError) else None
         for _, _, future, op in sets:
-            if future is not None and future.done():
+            if future is None:  # an emitted mark: nobody waits for it
+                if down is not None:
+                    self._degraded(op, down)
+                continue
+            if future.done():
                 continue
             if reply.cancelled():
-                if future is not None:
-                    future.cancel()
-                continue
-            if isinstance(exc, RedisError | OSError):
-                self._degraded(op, exc)
-            elif exc is not None:
-                if future is not None:
-                    future.set_exception(exc)
-                continue
-            if future is not None:
+                future.cancel()
+            elif exc is not None and down is None:
+                future.set_exception(exc)
+            else:
+                if down is not None:
+                    self._degraded(op, down)
                 future.set_result(None)
 
     def _degraded(self, op: str, exc: Exception) -> None:

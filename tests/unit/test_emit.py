@@ -142,6 +142,25 @@ class _Producer:
         return acked
 
 
+class _MissingTopicProducer(_Producer):
+    """No metadata ever comes for the topic "missing": each wait for it fails after `wait_s`."""
+
+    def __init__(self, wait_s: float = 0.0) -> None:
+        super().__init__()
+        self.wait_s = wait_s
+        self.waits = 0
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
+        return None if topic == "missing" else {0, 1, 2}
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        from aiokafka.errors import UnknownTopicOrPartitionError
+
+        self.waits += 1
+        await asyncio.sleep(self.wait_s)
+        raise UnknownTopicOrPartitionError()
+
+
 def _events(n: int) -> list[Outgoing]:
     return [Outgoing("result", "t", f"r{i}", f"v{i}".encode(), "c") for i in range(n)]
 
@@ -240,18 +259,7 @@ async def test_publishes_to_a_missing_topic_fail_after_one_metadata_wait_then_at
 
     from worker.emit import Emitter
 
-    class Producer(_Producer):
-        waits = 0
-
-        def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
-            return None if topic == "missing" else {0, 1, 2}
-
-        async def partitions_for(self, topic: str) -> set[int]:
-            self.waits += 1
-            await asyncio.sleep(0.05)  # standing in for the 40 s request timeout
-            raise UnknownTopicOrPartitionError()
-
-    producer = Producer()
+    producer = _MissingTopicProducer(wait_s=0.05)  # standing in for the 40 s request timeout
     emitter = Emitter(producer)  # type: ignore[arg-type]
     missing = [Outgoing("result", "missing", f"k{i}", b"x", "c") for i in range(6)]
     outcomes = await asyncio.gather(*(emitter.publish([m]) for m in missing), return_exceptions=True)
@@ -309,17 +317,7 @@ async def test_a_missing_topic_is_waited_for_again_once_its_30_s_are_over_whatev
     clock = Clock()
     monkeypatch.setattr(emit, "time", clock)
 
-    class Producer(_Producer):
-        waits = 0
-
-        def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
-            return None if topic == "missing" else {0, 1, 2}
-
-        async def partitions_for(self, topic: str) -> set[int]:
-            self.waits += 1
-            raise UnknownTopicOrPartitionError()
-
-    producer = Producer()
+    producer = _MissingTopicProducer()
     emitter = emit.Emitter(producer)  # type: ignore[arg-type]
     event = [Outgoing("result", "missing", "k", b"x", "c")]
     for at, waits in [(0, 1), (20, 1), (29, 1), (31, 2), (40, 2), (62, 3)]:

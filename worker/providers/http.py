@@ -24,7 +24,7 @@ import json
 import math
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -114,12 +114,12 @@ class AiohttpSender:
         BodyTooLarge."""
         session = self._session or self._open()
         async with session.post(self._url(url), data=body, allow_redirects=False) as response:
-            return response.status, response.headers, await _read_capped(response)
+            return response.status, response.headers, await _read_capped(response.content.iter_any())
 
     async def get(self, url: str) -> tuple[int, Mapping[str, str], bytes]:
         session = self._session or self._open()
         async with session.get(url, allow_redirects=False) as response:
-            return response.status, response.headers, await _read_capped(response)
+            return response.status, response.headers, await _read_capped(response.content.iter_any())
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -135,9 +135,10 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+async def _read_capped(chunks: AsyncIterator[bytes]) -> bytes:
+    """A response body (aiohttp's or httpx's chunks, decompressed), up to MAX_BODY_BYTES."""
     body = bytearray()
-    async for chunk in response.content.iter_any():
+    async for chunk in chunks:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise BodyTooLarge(f"response body over {MAX_BODY_BYTES} bytes")
@@ -169,14 +170,10 @@ class HttpxSender:
         request = httpx.Request(method, url, content=body, headers=self.headers, extensions=extensions)
         response = await self.transport.handle_async_request(request)
         try:
-            content = bytearray()
-            async for chunk in response.aiter_bytes():
-                content += chunk
-                if len(content) > MAX_BODY_BYTES:
-                    raise BodyTooLarge(f"response body over {MAX_BODY_BYTES} bytes")
+            content = await _read_capped(response.aiter_bytes())
         finally:
             await response.aclose()
-        return response.status_code, response.headers, bytes(content)
+        return response.status_code, response.headers, content
 
     async def aclose(self) -> None:
         await self.transport.aclose()
