@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
+import orjson
 import pydantic_core
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import UnknownTopicOrPartitionError
@@ -62,9 +63,27 @@ def make_unchecked_event(
     would produce (float for float fields, models for nested models) and values it would accept; a UUID
     field may be given as its text (it serialises so, and the text costs less), and so may a datetime field
     (as `now_text()` writes it). `at`: the envelope's timestamp, now_text() when not given. For events built
-    from already-validated parts on the hot path; tests hold each caller byte-equal to the model."""
-    data = pydantic_core.to_json(fields, inf_nan_mode="null")  # as the models' serializer
-    return _enveloped(kind, topic, key, model.__name__, data, correlation_id, source_service, at)
+    from already-validated parts on the hot path; tests hold each caller byte-equal to the model. A datetime
+    must be UTC, naive, or at an offset of whole minutes (see dumps)."""
+    return _enveloped(kind, topic, key, model.__name__, dumps(fields), correlation_id, source_service, at)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON as pydantic writes it (byte for byte: a test compares the two over floats, strings, datetimes
+    and nested models), by orjson at about a third of pydantic_core.to_json's instructions for an event's
+    fields. Nested models go as their fields. orjson rounds a UTC offset's seconds where pydantic drops
+    them, so datetimes at such offsets must come as text. What orjson refuses (integers past 64 bits)
+    goes through pydantic_core."""
+    try:
+        return orjson.dumps(obj, default=_fields_of, option=orjson.OPT_UTC_Z)
+    except orjson.JSONEncodeError:
+        return pydantic_core.to_json(obj, inf_nan_mode="null")
+
+
+def _fields_of(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, BaseModel):
+        return obj.__dict__  # the fields in declaration order (the models here have no extras)
+    raise TypeError(type(obj).__name__)
 
 
 def now_text() -> str:

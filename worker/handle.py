@@ -11,6 +11,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+import pydantic_core
 from aiokafka import ConsumerRecord
 
 from contracts import (
@@ -527,7 +528,7 @@ def _answered_result(
         "response_time_ms": elapsed_ms,
         "token_usage": answer.usage,
         "cost_estimate": float(cost_usd),
-        "requested_at": job.requested_at,
+        "requested_at": _dumpable(job.requested_at),
         "completed_at": completed_at,
         "trace_id": None,
         "request_metadata": metadata,
@@ -549,9 +550,18 @@ def _cost_tracking(
         "user_id": job.request.user_id,
         "organization_id": job.request.organization_id,
         "service_name": service,
-        "request_timestamp": attempt.started_at,
+        "request_timestamp": _dumpable(attempt.started_at),
         "response_time_ms": attempt.duration_ms,
     }
+
+
+def _dumpable(at: datetime) -> datetime | str:
+    """A datetime as emit.dumps may take it: itself, or pydantic's text of it when its UTC offset has
+    seconds (orjson would round them)."""
+    offset = at.utcoffset()
+    if offset is None or not (offset.seconds % 60 or offset.microseconds):
+        return at
+    return pydantic_core.to_json(at)[1:-1].decode()
 
 
 def _last_usage(outcome: CallOutcome) -> TokenUsage:

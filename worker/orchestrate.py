@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
@@ -32,6 +31,7 @@ from worker import metrics
 from worker.breaker import BreakerPolicy, Breakers, CircuitBreaker
 from worker.errors import ProviderError, RequestRejected, WorkerError
 from worker.limits import Limiter, estimate_tokens, parse_limits
+from worker.metrics import HistogramTally, Tally
 from worker.pricing import Cost, PriceTable
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, Answer, ComparisonCall, Provider
 from worker.routing import Router, Strategy, provider_for_model
@@ -224,7 +224,7 @@ class Orchestrator:
                 break
             if error is None or not falls_back(error) or len(outcome.attempts) >= self.retry.attempt_budget:
                 break
-        metrics.ATTEMPTS_PER_REQUEST.observe(len(outcome.attempts))
+        metrics.labelled(metrics.ATTEMPTS_PER_REQUEST).observe(len(outcome.attempts))
         return outcome
 
     async def _run_hedged(
@@ -459,7 +459,7 @@ class Orchestrator:
 
 
 @functools.cache
-def _call_metrics(provider: str) -> tuple[Histogram, Counter, Counter, Counter]:
+def _call_metrics(provider: str) -> tuple[HistogramTally, Tally, Tally, Tally]:
     """A provider's per-call metric children: latency, calls ok, calls failed, attempts of kind "call"."""
     return (
         metrics.labelled(metrics.PROVIDER_LATENCY, provider),

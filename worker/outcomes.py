@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import pydantic_core
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from worker import metrics
-from worker.emit import Outgoing
+from worker.emit import Outgoing, dumps
 from worker.redis_batch import RedisBatch
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class StoredOutcome:
 def encode_outcome(messages: list[Outgoing]) -> bytes:
     """One JSON line of [kind, topic, key, correlation_id, value length] per event, then the values."""
     header = [[m.kind, m.topic, m.key, m.correlation_id, len(m.value)] for m in messages]
-    return b"".join([pydantic_core.to_json(header), b"\n", *(m.value for m in messages)])
+    return b"".join([dumps(header), b"\n", *(m.value for m in messages)])
 
 
 def decode_outcome(stored: bytes) -> list[Outgoing]:

@@ -34,6 +34,7 @@ async def test_outcome_store_without_redis_degrades_to_at_least_once() -> None:
     redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
     store = OutcomeStore(redis, "nowhere", ttl_s=60)
     ops = ("get", "put", "mark_emitted")
+    metrics.flush()
     before = {op: metrics.IDEMPOTENCY_DEGRADED.labels(op)._value.get() for op in ops}
     try:
         assert await store.get("r1") is None
@@ -45,6 +46,7 @@ async def test_outcome_store_without_redis_degrades_to_at_least_once() -> None:
         await store.aclose()
     finally:
         await redis.aclose()
+    metrics.flush()
     after = {op: metrics.IDEMPOTENCY_DEGRADED.labels(op)._value.get() for op in ops}
     assert after == {
         "get": before["get"] + 1,

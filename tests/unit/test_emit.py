@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import struct
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pydantic_core
 import pytest
 
-from contracts import EventEnvelope, LLMCostAlertV1
-from worker.emit import Outgoing, make_event
+from contracts import EventEnvelope, LLMCostAlertV1, TokenUsage
+from worker.emit import Outgoing, dumps, make_event
 from worker.outcomes import decode_outcome, encode_outcome
 
 
@@ -346,3 +350,37 @@ async def test_aclose_cancels_the_publishes_still_waiting_for_a_topics_metadata(
     for task in waiting:
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 1)
+
+
+def test_dumps_writes_what_pydantic_writes() -> None:
+    """emit.dumps (orjson) against pydantic_core.to_json, as the models serialise: floats (shortest
+    round-trip text, non-finite as null), strings of any code point, datetimes at UTC, without an offset or
+    at whole-minute offsets, nested models, and integers past 64 bits (which orjson refuses)."""
+    rng = random.Random(11)
+    floats = [0.0, -0.0, 1e16, 1e-7, 1e21, 1e22, 5e-324, 1e300, float("inf"), float("-inf"), float("nan")]
+    floats += [struct.unpack("d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(3000)]
+    floats += [rng.random() * 10 ** rng.randint(-12, 25) for _ in range(3000)]
+    texts = [
+        "".join(
+            chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0, 0xD7FF), rng.randint(0x10000, 0x10FFFF)]))
+            for _ in range(rng.randint(0, 12))
+        )
+        for _ in range(3000)
+    ]
+    zones = [UTC, None, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-11))]
+    times = [
+        datetime(
+            rng.randint(1, 9999),
+            rng.randint(1, 12),
+            rng.randint(1, 28),
+            rng.randint(0, 23),
+            rng.randint(0, 59),
+            rng.randint(0, 59),
+            rng.choice([0, 1, 500000, rng.randint(0, 999999)]),
+            tzinfo=rng.choice(zones),
+        )
+        for _ in range(3000)
+    ]
+    models = [TokenUsage(prompt_tokens=1, total_tokens=2**40), {"u": TokenUsage(), "n": [None, True]}]
+    for value in [*floats, *texts, *times, *models, 2**64, -(2**63) - 1, {"big": [2**70]}]:
+        assert dumps(value) == pydantic_core.to_json(value, inf_nan_mode="null"), value

@@ -163,9 +163,11 @@ async def test_retries_are_counted_in_the_attempts_metric() -> None:
     p = Scripted("retry-metric", E5XX, OK)
     retries = metrics.ATTEMPTS.labels("retry-metric", "retry")
     calls = metrics.ATTEMPTS.labels("retry-metric", "call")
+    metrics.flush()
     before_retries, before_calls = retries._value.get(), calls._value.get()
     call = ComparisonCall(provider="retry-metric", model="m", system_prompt="s", user_prompt="u")
     await make(p, time=time).run(call, None)
+    metrics.flush()  # counted as tallies: added to the metric when it is read
     assert retries._value.get() - before_retries == 1
     assert calls._value.get() - before_calls == 2
 

@@ -37,6 +37,8 @@ JOBS = [
     _job(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2))), user_id="u-1"),
     _job(datetime(2026, 6, 30, 23, 59, 59, 1, tzinfo=UTC), user_id="u", organization_id='org "q"'),
     _job(datetime(2026, 6, 30, 23, 59, 59, 120000)),  # an envelope timestamp without an offset
+    # An offset with seconds: orjson would round it where pydantic drops the seconds.
+    _job(datetime(2026, 3, 4, 5, 6, 7, 500000, tzinfo=timezone(timedelta(seconds=-35378)))),
 ]
 ANSWERS = [
     Answer("Essay A", "A argues better.", 4, "gpt-4.1-mini", USAGE),  # an int confidence
@@ -48,6 +50,7 @@ METADATA: list[dict[str, Any]] = [
     {},
     {"essay_ids": [1, 2.5, None], "nested": {"\u00e9": True}, "cache": "miss", "attempts": 2},
     {"odd_floats": [float("nan"), float("inf"), -float("inf"), -0.0, 1e300]},
+    {"big": 2**64, "small": -(2**63) - 1},  # past orjson's 64 bits: pydantic_core writes these
 ]
 
 

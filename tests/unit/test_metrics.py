@@ -1,0 +1,45 @@
+"""Tallies: counted as plain numbers on the hot path, the same exposition as the metric's own calls."""
+
+from __future__ import annotations
+
+import random
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from worker import metrics
+
+
+def _exposed(registry: CollectorRegistry) -> list[str]:
+    """The exposition without the `_created` samples (when each child was made)."""
+    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+
+def test_tallies_expose_what_the_metrics_own_calls_would() -> None:
+    tallied, direct = CollectorRegistry(), CollectorRegistry()
+    counts = [Counter("c_total", "c", ["k"], registry=r) for r in (tallied, direct)]
+    buckets = (0.25, 0.5, 1, 5)  # values in 64ths: sums exact in any order
+    hists = [Histogram("h_seconds", "h", ["k"], buckets=buckets, registry=r) for r in (tallied, direct)]
+    plain = [Histogram("p", "p", buckets=(0, 1, 2, 3), registry=r) for r in (tallied, direct)]
+    rng = random.Random(7)
+    for round_ in range(3):
+        for _ in range(500):
+            k = rng.choice("ab")
+            # Values on the bounds too: a bucket takes amount <= its bound.
+            v = rng.choice([*buckets, 0.0, rng.randint(0, 6 * 64) / 64, rng.randint(0, 8) / 64])
+            metrics.labelled(counts[0], k).inc(2)
+            counts[1].labels(k).inc(2)
+            metrics.labelled(hists[0], k).observe(v)
+            hists[1].labels(k).observe(v)
+            n = rng.randint(0, 4)
+            metrics.labelled(plain[0]).observe(n)
+            plain[1].observe(n)
+        if round_ == 0:
+            assert _exposed(tallied) != _exposed(direct)  # not yet flushed
+        metrics.flush()
+        assert _exposed(tallied) == _exposed(direct)
+
+
+def test_labelled_returns_one_tally_per_child() -> None:
+    c = Counter("once_total", "c", ["k"], registry=CollectorRegistry())
+    assert metrics.labelled(c, "x") is metrics.labelled(c, "x")
+    assert metrics.labelled(c, "x") is not metrics.labelled(c, "y")
