@@ -63,7 +63,7 @@ class Handler:
         except Invalid as exc:
             await self.emitter.publish(self._invalid_events(exc))
             return
-        correlation_id_var.set(str(job.correlation_id))
+        correlation_id_var.set(job.correlation_text)
         request_id_var.set(job.request_id)
 
         stored = await self.outcomes.get(job.request_id)
@@ -301,7 +301,7 @@ class Handler:
             details = {k: v for k, v in error.details.items() if k not in ("usage", "cache_write_tokens")}
             details.setdefault("provider", call.provider)
             detail = ErrorDetail.from_code(error.code, error.message, job.correlation_id, **details)
-        src, cid, cid_text, now = self.service_name, job.correlation_id, str(job.correlation_id), now_text()
+        src, cid, cid_text, now = self.service_name, job.correlation_id, job.correlation_text, now_text()
         if answer is not None and detail is None:
             # Answers are validated where they are made (parse_answer, the mock, the cache's decode), so
             # the result is serialised without validating it again.

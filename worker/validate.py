@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -32,6 +32,11 @@ class Job:
     correlation_id: UUID
     requested_at: datetime
     callback_topic: str
+    #: str(correlation_id), made once: the UUID's text is written per event and logged.
+    correlation_text: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.correlation_text = str(self.correlation_id)
 
 
 class Unparseable(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+from typing import Any
 
 from contracts import ErrorCode, TokenUsage
 from worker.errors import ProviderError
@@ -20,10 +21,23 @@ _REASONS = (
 
 
 def _digest(call: ComparisonCall, seed: int) -> bytes:
-    h = hashlib.sha256(f"{seed}\x00{call.model}\x00{call.system_prompt}\x00{call.user_prompt}\x00".encode())
+    head = (seed, call.model, call.system_prompt)
+    prefix = _PREFIXES.get(head)
+    if prefix is None:  # the same few per process: hashed once (and OpenSSL's SHA-256 looked up once)
+        if len(_PREFIXES) >= 256:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[head] = hashlib.sha256(
+            f"{seed}\x00{call.model}\x00{call.system_prompt}\x00".encode()
+        )
+    h = prefix.copy()
+    h.update(f"{call.user_prompt}\x00".encode())
     for block in call.prompt_blocks:
         h.update(block.target.encode() + b"\x00" + block.content.encode() + b"\x00")
     return h.digest()
+
+
+#: SHA-256 of seed, model and system prompt, by those three: a call's digest goes on from a copy.
+_PREFIXES: dict[tuple[int, str, str], Any] = {}
 
 
 def _estimate_tokens(text: str) -> int:
