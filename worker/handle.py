@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -558,7 +558,10 @@ def _cost_tracking(
 def _dumpable(at: datetime) -> datetime | str:
     """A datetime as emit.dumps may take it: itself, or pydantic's text of it when its UTC offset has
     seconds (orjson would round them)."""
-    offset = at.utcoffset()
+    tz = at.tzinfo
+    if tz is None or tz is UTC:  # the clock's own (utc_now), naive
+        return at
+    offset = tz.utcoffset(at)
     if offset is None or not (offset.seconds % 60 or offset.microseconds):
         return at
     return pydantic_core.to_json(at)[1:-1].decode()

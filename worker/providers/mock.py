@@ -12,6 +12,8 @@ from worker.errors import ProviderError
 from worker.providers.base import Answer, ComparisonCall
 from worker.settings import MockSettings
 
+_USAGE = TokenUsage.__pydantic_validator__
+
 _REASONS = (
     "argues its thesis more clearly and supports it with better evidence",
     "is better organised, with paragraphs that build on each other",
@@ -75,10 +77,12 @@ class MockProvider:
         prompt_tokens = _estimate_tokens(call.system_prompt) + _estimate_tokens(call.user_prompt)
         prompt_tokens += sum(_estimate_tokens(b.content) for b in call.prompt_blocks)
         completion_tokens = 40 + digest[3] % 60
-        usage = TokenUsage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
+        usage = _USAGE.validate_python(  # TokenUsage(...) without its Python __init__ around the validator
+            {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
         )
         return Answer(winner, justification, confidence, call.model, usage)
 
