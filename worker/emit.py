@@ -12,7 +12,7 @@ import os
 import random
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from uuid import UUID
 
 import orjson
@@ -426,7 +426,10 @@ def murmur2(data: bytes) -> int:
 
 
 def _headers(m: Outgoing) -> list[tuple[str, bytes]]:
-    return [("correlation_id", m.correlation_id.encode()), ("event-kind", m.kind.encode())]
+    return [("correlation_id", m.correlation_id.encode()), _KIND_HEADERS[m.kind]]
+
+
+_KIND_HEADERS = {kind: ("event-kind", kind.encode()) for kind in get_args(Kind)}
 
 
 def _settle(counts: dict[_Waiter, int], delivery: asyncio.Future[Any]) -> None:

@@ -43,6 +43,10 @@ class PriceTable:
         price = self.prices.get(model)
         if price is None:
             return Cost(0.0, price_known=False)
+        if not (usage.cached_tokens or usage.reasoning_tokens or cache_write_tokens):
+            # The formula below with those three at 0 (adding zeros changes no bit): the common case.
+            usd = (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / 1_000_000
+            return Cost(round(usd, 10), price_known=True)
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         cached_rate = price.cached_input if price.cached_input is not None else price.input
         written = min(cache_write_tokens, usage.prompt_tokens - cached)

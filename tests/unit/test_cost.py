@@ -3,6 +3,8 @@ shipped table, USD per 1M tokens), and the pre-call estimate used by budgets."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from contracts import PromptBlock, TokenUsage
@@ -79,3 +81,27 @@ def test_budget_estimate_counts_prompt_characters_and_the_output_cap() -> None:
 def test_budget_estimate_of_an_unknown_model_is_zero() -> None:
     call = ComparisonCall(provider="openai", model="no-such-model", system_prompt="s", user_prompt="u")
     assert estimate_call_usd(PRICES, call) == 0.0
+
+
+def test_the_common_case_costs_what_the_full_formula_gives() -> None:
+    """Without cached, reasoning or cache-write tokens cost() takes a short path: the same bits as the
+    full formula (written out here) for every priced model."""
+    table = PriceTable.load()
+    rng = random.Random(3)
+    for _ in range(2000):
+        prompt, completion = rng.randint(0, 2_000_000), rng.randint(0, 200_000)
+        usage = TokenUsage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+        for model, p in table.prices.items():
+            cached_rate = p.cached_input if p.cached_input is not None else p.input
+            write_rate = p.cache_write if p.cache_write is not None else p.input
+            reasoning_rate = p.reasoning if p.reasoning is not None else p.output
+            full = (
+                (prompt - 0 - 0) * p.input
+                + 0 * cached_rate
+                + 0 * write_rate
+                + (completion - 0) * p.output
+                + 0 * reasoning_rate
+            ) / 1_000_000
+            assert table.cost(model, usage).usd == round(full, 10)

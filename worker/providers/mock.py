@@ -75,7 +75,8 @@ class MockProvider:
         confidence = 1.0 + (digest[1] % 41) / 10  # 1.0 .. 5.0
         justification = f"{winner} {_REASONS[digest[2] % len(_REASONS)]}."
         prompt_tokens = _estimate_tokens(call.system_prompt) + _estimate_tokens(call.user_prompt)
-        prompt_tokens += sum(_estimate_tokens(b.content) for b in call.prompt_blocks)
+        if call.prompt_blocks:
+            prompt_tokens += sum(_estimate_tokens(b.content) for b in call.prompt_blocks)
         completion_tokens = 40 + digest[3] % 60
         usage = _USAGE.validate_python(  # TokenUsage(...) without its Python __init__ around the validator
             {
