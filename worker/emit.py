@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -234,6 +235,14 @@ class Emitter:
             after.add_done_callback(functools.partial(self._enqueue_after, messages, waiter))
         await waiter.future
 
+    async def prefetch(self, topics: list[str], timeout_s: float = 5.0) -> None:
+        """Fetch these topics' metadata now, together, for up to `timeout_s`: rounds for a topic without it
+        are sent beside the pump, message by message. A topic that does not answer in time is left to the
+        first round that needs it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(self._metadata_error(t) for t in topics))
+
     def _enqueue(self, messages: list[Outgoing], waiter: _Waiter) -> None:
         self._pending.extend([(m, waiter) for m in messages])
         self._wake.set()
@@ -334,6 +343,18 @@ class Emitter:
 
     async def _send_unknown_round(self, topic: str, items: list[_Item]) -> None:
         error = await self._metadata_error(topic)
+        parts = self.producer.client.cluster.partitions_for_topic(topic) if error is None else None
+        if parts:
+            # Known now, but rounds keep joining this chain while it runs (order): batched as the pump would.
+            ordered, sticky = tuple(sorted(parts)), random.choice(tuple(parts))
+            by_partition: dict[int, list[_Item]] = {}
+            for item in items:
+                key = item[1]
+                p = sticky if key is None else ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)]
+                by_partition.setdefault(p, []).append(item)
+            for p, its in by_partition.items():
+                await self._send(topic, p, [i for i in its if not i[2].future.done()])
+            return
         for m, key, waiter in items:
             if error is not None:  # handed to the waiting callers, which fail their requests
                 waiter.fail(error)

@@ -258,6 +258,65 @@ async def test_a_topic_without_metadata_does_not_hold_up_the_other_topics() -> N
     await emitter.aclose()
 
 
+async def test_rounds_chained_behind_a_metadata_wait_go_batched_once_the_topic_is_known() -> None:
+    """Rounds for a topic keep joining its chain while it runs (their order); once the metadata is there
+    they are sent in batches, as the pump sends, not message by message."""
+    from worker.emit import Emitter
+
+    class Producer(_Producer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.metadata = asyncio.Event()
+            self.one_by_one = 0
+
+        def partitions_for_topic(self, topic: str) -> set[int] | None:  # type: ignore[override]
+            return {0, 1, 2} if topic != "new" or self.metadata.is_set() else None
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            await self.metadata.wait()
+            return {0, 1, 2}
+
+        async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
+            self.one_by_one += 1
+            raise AssertionError("sent message by message")
+
+    producer = Producer()
+    emitter = Emitter(producer)  # type: ignore[arg-type]
+    rounds = []
+    for i in range(3):
+        events = [
+            Outgoing("result", "new", f"k{i}", f"n{i}".encode(), "c"),
+            Outgoing("cost", "new", None, b"x", "c"),
+        ]
+        rounds.append(asyncio.create_task(emitter.publish(events)))
+        await asyncio.sleep(0.01)
+    producer.metadata.set()
+    await asyncio.wait_for(asyncio.gather(*rounds), 1)
+    assert producer.one_by_one == 0
+    assert [v for v in producer.sent if v != b"x"] == [b"n0", b"n1", b"n2"] and producer.sent.count(b"x") == 3
+    await emitter.aclose()
+
+
+async def test_prefetch_asks_for_every_topic_at_once_and_gives_up_after_its_timeout() -> None:
+    from worker.emit import Emitter
+
+    class Producer(_Producer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[str] = []
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            self.asked.append(topic)
+            if topic == "slow":
+                await asyncio.sleep(3600)
+            return {0}
+
+    producer = Producer()
+    emitter = Emitter(producer)  # type: ignore[arg-type]
+    await asyncio.wait_for(emitter.prefetch(["a", "slow", "b"], timeout_s=0.05), 1)
+    assert sorted(producer.asked) == ["a", "b", "slow"]
+
+
 async def test_publishes_to_a_missing_topic_fail_after_one_metadata_wait_then_at_once() -> None:
     from aiokafka.errors import UnknownTopicOrPartitionError
 
