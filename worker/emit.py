@@ -61,11 +61,11 @@ def make_unchecked_event(
 ) -> Outgoing:
     """make_event without building the model: `fields` are serialised as `model(**fields).model_dump_json()`
     would be, provided they hold every field of `model` in declaration order, with the types validation
-    would produce (float for float fields, models for nested models) and values it would accept; a UUID
-    field may be given as its text (it serialises so, and the text costs less), and so may a datetime field
-    (as `now_text()` writes it). `at`: the envelope's timestamp, now_text() when not given. For events built
-    from already-validated parts on the hot path; tests hold each caller byte-equal to the model. A datetime
-    must be UTC, naive, or at an offset of whole minutes (see dumps)."""
+    would produce (float for float fields, models or their __dict__ for nested models) and values it would
+    accept; a UUID field may be given as its text (it serialises so, and the text costs less), and so may a
+    datetime field (as `now_text()` writes it). `at`: the envelope's timestamp, now_text() when not given.
+    For events built from already-validated parts on the hot path; tests hold each caller byte-equal to the
+    model. A datetime must be UTC, naive, or at an offset of whole minutes (see dumps)."""
     return _enveloped(kind, topic, key, model.__name__, dumps(fields), correlation_id, source_service, at)
 
 

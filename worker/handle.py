@@ -526,7 +526,7 @@ def _answered_result(
         "provider": provider,
         "model": metadata["resolved_model"],
         "response_time_ms": elapsed_ms,
-        "token_usage": answer.usage,
+        "token_usage": answer.usage.__dict__,  # its fields in order, as emit.dumps writes a model
         "cost_estimate": float(cost_usd),
         "requested_at": _dumpable(job.requested_at),
         "completed_at": completed_at,
@@ -546,7 +546,7 @@ def _cost_tracking(
         "model": attempt.model,
         "request_type": "comparison",
         "cost_estimate_usd": float(cost.usd),
-        "token_usage": usage,
+        "token_usage": usage.__dict__,
         "user_id": job.request.user_id,
         "organization_id": job.request.organization_id,
         "service_name": service,

@@ -280,9 +280,6 @@ class Orchestrator:
         breaker = self.breakers[call.provider]
         first = len(outcome.attempts)
 
-        def mine() -> list[Attempt]:
-            return [a for a in outcome.attempts[first:] if a.provider == call.provider]
-
         # Fast path: most calls succeed first time, so the first attempt runs without building tenacity's
         # machinery (about a fifth of the orchestrator's CPU per request). On a retryable failure the
         # tenacity loop starts with that same failure as its attempt 1, so stop/wait/retry decisions are
@@ -291,6 +288,10 @@ class Orchestrator:
             return await self._attempt(provider, call, breaker, deadline_s, outcome), None
         except WorkerError as exc:
             first_error: WorkerError | None = exc
+
+        def mine() -> list[Attempt]:
+            return [a for a in outcome.attempts[first:] if a.provider == call.provider]
+
         if not should_retry(first_error, mine()):
             return None, first_error
         retrying = AsyncRetrying(
