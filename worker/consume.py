@@ -182,7 +182,9 @@ class ConsumeLoop:
     ) -> None:
         self.in_flight -= 1
         self._pacer.finished(time.monotonic() - started)
-        self.tasks.get(tp, set()).discard(task)
+        tasks = self.tasks.get(tp)
+        if tasks is not None:
+            tasks.discard(task)
         if task.cancelled():
             metrics.REVOKED_CANCELLED.inc()
         elif task.exception() is not None:

@@ -224,7 +224,7 @@ class Orchestrator:
                 break
             if error is None or not falls_back(error) or len(outcome.attempts) >= self.retry.attempt_budget:
                 break
-        metrics.labelled(metrics.ATTEMPTS_PER_REQUEST).observe(len(outcome.attempts))
+        _ATTEMPTS_PER_REQUEST.observe(len(outcome.attempts))
         return outcome
 
     async def _run_hedged(
@@ -457,6 +457,9 @@ class Orchestrator:
             await self.limiter.aclose()
         for provider in self.providers.values():
             await provider.aclose()
+
+
+_ATTEMPTS_PER_REQUEST = metrics.labelled(metrics.ATTEMPTS_PER_REQUEST)
 
 
 @functools.cache

@@ -52,7 +52,7 @@ class StoredOutcome:
 def encode_outcome(messages: list[Outgoing]) -> bytes:
     """One JSON line of [kind, topic, key, correlation_id, value length] per event, then the values."""
     header = [[m.kind, m.topic, m.key, m.correlation_id, len(m.value)] for m in messages]
-    return b"".join([dumps(header), b"\n", *(m.value for m in messages)])
+    return b"".join([dumps(header), b"\n", *[m.value for m in messages]])
 
 
 def decode_outcome(stored: bytes) -> list[Outgoing]:

@@ -22,6 +22,12 @@ _REASONS = (
 )
 
 
+#: "<winner> <reason>." for each winner and reason.
+_JUSTIFICATIONS = {
+    (w, i): f"{w} {reason}." for w in ("Essay A", "Essay B") for i, reason in enumerate(_REASONS)
+}
+
+
 def _digest(call: ComparisonCall, seed: int) -> bytes:
     head = (seed, call.model, call.system_prompt)
     prefix = _PREFIXES.get(head)
@@ -73,7 +79,7 @@ class MockProvider:
             s.mock_winner if s.mock_winner != "auto" else ("Essay A" if digest[0] % 2 == 0 else "Essay B")
         )
         confidence = 1.0 + (digest[1] % 41) / 10  # 1.0 .. 5.0
-        justification = f"{winner} {_REASONS[digest[2] % len(_REASONS)]}."
+        justification = _JUSTIFICATIONS[winner, digest[2] % len(_REASONS)]
         prompt_tokens = _estimate_tokens(call.system_prompt) + _estimate_tokens(call.user_prompt)
         if call.prompt_blocks:
             prompt_tokens += sum(_estimate_tokens(b.content) for b in call.prompt_blocks)
