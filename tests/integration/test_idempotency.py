@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from redis.asyncio import Redis
 
-from tests.conftest import free_port, make_settings, request_envelope, running_worker
+from tests.conftest import REDIS_URL, free_port, make_settings, request_envelope, running_worker
 from worker import metrics
 from worker.emit import Outgoing
 from worker.outcomes import OutcomeStore
@@ -53,3 +54,22 @@ async def test_outcome_store_without_redis_degrades_to_at_least_once() -> None:
         "put": before["put"] + 2,
         "mark_emitted": before["mark_emitted"] + 2,
     }
+
+
+async def test_an_unreadable_stored_record_fails_only_its_own_lookup() -> None:
+    """Lookups asked in one turn go out as one MGET; a record that cannot be decoded fails its request (the
+    consumer retries it, then dead-letters it), the others of that MGET get their answers."""
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"unreadable-{uuid.uuid4()}"
+    store = OutcomeStore(redis, prefix, ttl_s=60)
+    try:
+        await store.put_soon("good", [Outgoing("result", "t", "good", b'{"x":1}', "c")])
+        await redis.set(f"{prefix}:outcome:bad", b'["not", "the format"')
+        good, bad, missing = store.get("good"), store.get("bad"), store.get("missing")
+        done = await asyncio.gather(good, bad, missing, return_exceptions=True)
+        assert isinstance(done[1], ValueError)
+        assert done[0] is not None and not isinstance(done[0], BaseException)
+        assert [m.value for m in done[0].messages] == [b'{"x":1}'] and done[2] is None
+    finally:
+        await store.aclose()
+        await redis.aclose()
