@@ -36,7 +36,6 @@ from aiokafka.errors import KafkaError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from worker import metrics
-from worker.logs import correlation_id_var, request_id_var
 from worker.offsets import PartitionTracker
 from worker.settings import FlowSettings
 
@@ -137,18 +136,7 @@ class ConsumeLoop:
 
     async def _process(self, record: ConsumerRecord) -> None:
         """Run the handler; an unexpected error is retried, then the message is dead-lettered."""
-        # Log context before parsing: the Kafka key is the request id, the header the correlation id.
-        request_id_var.set(record.key.decode(errors="replace") if record.key else None)
-        correlation_id_var.set(
-            next(
-                (
-                    bytes(v).decode(errors="replace")
-                    for k, v in record.headers or ()
-                    if k == "correlation_id" and v  # a header value may be null
-                ),
-                None,
-            )
-        )
+        # Log context: set by the handler once it has read the request (or found it unreadable).
         error: BaseException | None = None
         for attempt in range(1, self.flow.poison_max_attempts + 1):
             try:

@@ -57,10 +57,14 @@ class Handler:
         header_cid = _header(record.headers, "correlation_id")
         try:
             job = decode_request(record.value, header_cid, self.topics.comparison_result)
-        except Unparseable as exc:
+        except Unparseable as exc:  # log context: the Kafka key is the request id
+            request_id_var.set(record.key.decode(errors="replace") if record.key else None)
+            correlation_id_var.set(str(exc.correlation_id) if exc.correlation_id else header_cid)
             await self._dead_letter(record, exc)
             return
         except Invalid as exc:
+            request_id_var.set(exc.request_id)
+            correlation_id_var.set(str(exc.correlation_id))
             await self.emitter.publish(self._invalid_events(exc))
             return
         correlation_id_var.set(job.correlation_text)
