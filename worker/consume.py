@@ -36,6 +36,7 @@ from aiokafka.errors import KafkaError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from worker import metrics
+from worker.logs import correlation_id_var, request_id_var
 from worker.offsets import PartitionTracker
 from worker.settings import FlowSettings
 
@@ -136,7 +137,8 @@ class ConsumeLoop:
 
     async def _process(self, record: ConsumerRecord) -> None:
         """Run the handler; an unexpected error is retried, then the message is dead-lettered."""
-        # Log context: set by the handler once it has read the request (or found it unreadable).
+        # Log context: set by the handler once it has read the request (or found it unreadable); from the
+        # record's key and header when it failed before that.
         error: BaseException | None = None
         for attempt in range(1, self.flow.poison_max_attempts + 1):
             try:
@@ -145,6 +147,8 @@ class ConsumeLoop:
             except Exception as exc:  # a bug or a poison message; the handler maps all expected errors
                 error = exc
                 metrics.PROCESSING_ERRORS.inc()
+                if request_id_var.get() is None:  # failed before the handler read the request
+                    _log_context_of(record)
                 log.exception(
                     "processing failed",
                     extra={"attempt": attempt, "partition": record.partition, "offset": record.offset},
@@ -342,3 +346,18 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.loop.on_assigned(assigned)
+
+
+def _log_context_of(record: ConsumerRecord) -> None:
+    """Log context from the record itself: the Kafka key is the request id, the header the correlation id."""
+    request_id_var.set(record.key.decode(errors="replace") if record.key else None)
+    correlation_id_var.set(
+        next(
+            (
+                bytes(v).decode(errors="replace")
+                for k, v in record.headers or ()
+                if k == "correlation_id" and v  # a header value may be null
+            ),
+            None,
+        )
+    )
