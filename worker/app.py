@@ -123,10 +123,9 @@ class Runtime:
         )
         await self._producer.start()
         self.emitter = Emitter(self._producer)
-        topics = s.kafka.topics
-        # Before the first request: a round for a topic whose metadata the producer lacks goes message by
-        # message beside the pump (Emitter._send), at about twice the CPU per message.
-        await self.emitter.prefetch([t for t in topics.all() if t != topics.comparison_request])
+        # The topics every answered request writes, asked for while the consumer joins its group: rounds for
+        # a topic without metadata wait for it in a chain beside the pump (Emitter._send).
+        self.emitter.prefetch_soon([s.kafka.topics.comparison_result, s.kafka.topics.cost_tracking])
         self.providers = build_providers(s)
         self.unconfigured_providers = unconfigured_providers(s.providers)
         log.info(

@@ -235,10 +235,16 @@ class Emitter:
             after.add_done_callback(functools.partial(self._enqueue_after, messages, waiter))
         await waiter.future
 
+    def prefetch_soon(self, topics: list[str], timeout_s: float = 5.0) -> None:
+        """Ask for these topics' metadata in the background, for up to `timeout_s`, so that the first rounds
+        do not wait for it in a chain beside the pump. aclose() cancels it."""
+        task = asyncio.create_task(self.prefetch(topics, timeout_s))
+        self._chains.add(task)
+        task.add_done_callback(self._chains.discard)
+
     async def prefetch(self, topics: list[str], timeout_s: float = 5.0) -> None:
-        """Fetch these topics' metadata now, together, for up to `timeout_s`: rounds for a topic without it
-        are sent beside the pump, message by message. A topic that does not answer in time is left to the
-        first round that needs it."""
+        """Fetch these topics' metadata now, together, for up to `timeout_s`. A topic that does not answer
+        in time is left to the first round that needs it."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await asyncio.gather(*(self._metadata_error(t) for t in topics))

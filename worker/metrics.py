@@ -87,6 +87,8 @@ class Tally:
         self.n: float = 0
 
     def inc(self, amount: float = 1) -> None:
+        if amount < 0:  # as the child would refuse it, here rather than in /metrics
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
         self.n += amount
 
     def flush(self) -> None:
@@ -139,6 +141,8 @@ def labelled(metric: Counter | Gauge | Histogram, *values: str) -> Tally | Histo
     key = (metric, values)
     child: Any = _children.get(key)
     if child is None:
+        if not values and metric._labelnames:  # the metric itself cannot count: refused here, not in /metrics
+            raise ValueError(f"{metric._name} needs label values {metric._labelnames}")
         labelled_child: Any = metric.labels(*values) if values else metric
         if isinstance(metric, Counter):
             child = Tally(labelled_child)

@@ -57,8 +57,8 @@ async def test_outcome_store_without_redis_degrades_to_at_least_once() -> None:
 
 
 async def test_an_unreadable_stored_record_fails_only_its_own_lookup() -> None:
-    """Lookups asked in one turn go out as one MGET; a record that cannot be decoded fails its request (the
-    consumer retries it, then dead-letters it), the others of that MGET get their answers."""
+    """Of lookups asked in one loop turn (they go out together), a record that cannot be decoded fails its
+    own request (the consumer retries it, then dead-letters it); the others get their answers."""
     redis = Redis.from_url(REDIS_URL)
     prefix = f"unreadable-{uuid.uuid4()}"
     store = OutcomeStore(redis, prefix, ttl_s=60)

@@ -315,6 +315,12 @@ async def test_prefetch_asks_for_every_topic_at_once_and_gives_up_after_its_time
     emitter = Emitter(producer)  # type: ignore[arg-type]
     await asyncio.wait_for(emitter.prefetch(["a", "slow", "b"], timeout_s=0.05), 1)
     assert sorted(producer.asked) == ["a", "b", "slow"]
+    # In the background: nothing waits for it, and aclose() cancels it.
+    producer.asked.clear()
+    emitter.prefetch_soon(["slow"], timeout_s=3600)
+    await asyncio.sleep(0.01)
+    assert producer.asked == ["slow"]
+    await asyncio.wait_for(emitter.aclose(), 1)
 
 
 async def test_publishes_to_a_missing_topic_fail_after_one_metadata_wait_then_at_once() -> None:

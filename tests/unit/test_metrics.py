@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from worker import metrics
@@ -43,3 +44,11 @@ def test_labelled_returns_one_tally_per_child() -> None:
     c = Counter("once_total", "c", ["k"], registry=CollectorRegistry())
     assert metrics.labelled(c, "x") is metrics.labelled(c, "x")
     assert metrics.labelled(c, "x") is not metrics.labelled(c, "y")
+
+
+def test_misuse_is_refused_where_it_happens_not_when_metrics_are_served() -> None:
+    c = Counter("misuse_total", "c", ["k"], registry=CollectorRegistry())
+    with pytest.raises(ValueError):
+        metrics.labelled(c)  # a labelled metric without its label values
+    with pytest.raises(ValueError):
+        metrics.labelled(c, "x").inc(-1)
