@@ -210,7 +210,7 @@ class Handler:
             except RequestRejected as exc:
                 return CallOutcome(call, error=exc), []
         outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
-        if self.spend is None:
+        if self.spend is None or not self.spend.counts(request.organization_id):
             return outcome, []
         cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
         alerts = await self.spend.record(request.organization_id, cost_usd)

@@ -118,6 +118,14 @@ class SpendTracker:
         """Whether check_budget can refuse this organization's calls (so the estimate is worth making)."""
         return self.settings.org_budget_usd is not None and organization_id is not None
 
+    def counts(self, organization_id: str | None) -> bool:
+        """Whether record() would count this organization's calls anywhere (a threshold or budget reads)."""
+        s = self.settings
+        return s.cost_alert_threshold_usd is not None or (
+            organization_id is not None
+            and (s.org_cost_alert_threshold_usd is not None or s.org_budget_usd is not None)
+        )
+
     async def check_budget(self, organization_id: str | None, estimate_usd: float) -> None:
         """RequestRejected(COST_LIMIT_EXCEEDED) when this call would take the organization over budget."""
         budget = self.settings.org_budget_usd
