@@ -39,6 +39,7 @@ from worker import metrics
 from worker.logs import correlation_id_var, request_id_var
 from worker.offsets import PartitionTracker
 from worker.settings import FlowSettings
+from worker.validate import header_text
 
 log = logging.getLogger(__name__)
 
@@ -351,13 +352,4 @@ class _Listener(ConsumerRebalanceListener):
 def _log_context_of(record: ConsumerRecord) -> None:
     """Log context from the record itself: the Kafka key is the request id, the header the correlation id."""
     request_id_var.set(record.key.decode(errors="replace") if record.key else None)
-    correlation_id_var.set(
-        next(
-            (
-                bytes(v).decode(errors="replace")
-                for k, v in record.headers or ()
-                if k == "correlation_id" and v  # a header value may be null
-            ),
-            None,
-        )
-    )
+    correlation_id_var.set(header_text(record.headers, "correlation_id"))

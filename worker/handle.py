@@ -36,7 +36,7 @@ from worker.outcomes import OutcomeStore
 from worker.pricing import Cost
 from worker.providers.base import Answer, ComparisonCall
 from worker.spend import SpendTracker, estimate_call_usd
-from worker.validate import Invalid, Job, Unparseable, decode_request
+from worker.validate import Invalid, Job, Unparseable, decode_request, header_text
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Handler:
     _dead_lettered: set[tuple[str, int, int]] = field(default_factory=set)
 
     async def handle(self, record: ConsumerRecord) -> None:
-        header_cid = _header(record.headers, "correlation_id")
+        header_cid = header_text(record.headers, "correlation_id")
         try:
             job = decode_request(record.value, header_cid, self.topics.comparison_result)
         except Unparseable as exc:  # log context: the Kafka key is the request id
@@ -99,7 +99,7 @@ class Handler:
         events: list[Outgoing] = []
         try:
             job = decode_request(
-                record.value, _header(record.headers, "correlation_id"), self.topics.comparison_result
+                record.value, header_text(record.headers, "correlation_id"), self.topics.comparison_result
             )
         except Unparseable:
             job = None
@@ -449,13 +449,6 @@ class Handler:
             "offset": record.offset,
         }
         return make_dlq_record(self.topics.dlq, record.value, error, list(record.headers or ()), source)
-
-
-def _header(headers: Any, name: str) -> str | None:
-    for key, value in headers or ():
-        if key == name and value:
-            return bytes(value).decode(errors="replace")
-    return None
 
 
 def _deadline_monotonic(job: Job) -> float | None:

@@ -144,14 +144,11 @@ def labelled(metric: Counter | Gauge | Histogram, *values: str) -> Tally | Histo
         if not values and metric._labelnames:  # the metric itself cannot count: refused here, not in /metrics
             raise ValueError(f"{metric._name} needs label values {metric._labelnames}")
         labelled_child: Any = metric.labels(*values) if values else metric
-        if isinstance(metric, Counter):
-            child = Tally(labelled_child)
-        elif isinstance(metric, Histogram):
-            child = HistogramTally(labelled_child)
+        if isinstance(metric, Counter | Histogram):
+            child = Tally(labelled_child) if isinstance(metric, Counter) else HistogramTally(labelled_child)
+            _tallies.append(child)
         else:
             child = labelled_child
-        if isinstance(child, Tally | HistogramTally):
-            _tallies.append(child)
         _children[key] = child
     return child
 

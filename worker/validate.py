@@ -87,6 +87,14 @@ def decode_request(raw: bytes | None, header_correlation_id: str | None, default
     )
 
 
+def header_text(headers: Any, name: str) -> str | None:
+    """A Kafka header's value as text (the first non-empty one of that name), or None."""
+    for key, value in headers or ():
+        if key == name and value:  # a header value may be null
+            return bytes(value).decode(errors="replace")
+    return None
+
+
 def _as_uuid(value: Any) -> UUID | None:
     try:
         return UUID(str(value)) if value is not None else None
