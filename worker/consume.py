@@ -77,6 +77,7 @@ class ConsumeLoop:
         self._resume_at = flow.max_in_flight - max(1, flow.max_in_flight // 50)
         self.assigned = asyncio.Event()
         self._pacer = _Pacer(flow.max_in_flight)
+        self._loop: asyncio.AbstractEventLoop | None = None
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)  # read at scrape time, not per request
 
     # ---- main loop -------------------------------------------------------------------------------------
@@ -132,7 +133,10 @@ class ConsumeLoop:
         tracker.admit(record.offset)
         self.in_flight += 1
         self._pacer.admitted()
-        task = asyncio.create_task(self._process(record))
+        loop = self._loop
+        if loop is None:  # asyncio.create_task looks the loop up on each call, with a getpid() syscall (3.11)
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(self._process(record))
         self.tasks[tp].add(task)
         task.add_done_callback(partial(self._on_done, tp, tracker.epoch, record.offset, time.monotonic()))
 
