@@ -218,10 +218,14 @@ class Emitter:
         self._chains: set[asyncio.Task[None]] = set()
         #: Topics whose metadata could not be had: until when their rounds fail at once.
         self._no_metadata: dict[str, float] = {}
+        #: Publishes waiting for a future (publish's `after`), by that future.
+        self._gated: dict[asyncio.Future[None], list[tuple[list[Outgoing], _Waiter]]] = {}
 
     async def publish(self, messages: list[Outgoing], after: asyncio.Future[None] | None = None) -> None:
         """Send the messages and wait until Kafka acknowledged all of them. With `after`, they are sent
-        once that future is done (one wait for both), and not at all if it failed or was cancelled."""
+        once that future is done (one wait for both), and not at all if it failed or was cancelled. The
+        publishes waiting for one future are released together (OutcomeStore.put_soon gives the same
+        future to every put of a loop turn: one callback for all of them, not one each)."""
         if not messages:
             return
         if self._pump_task is None:
@@ -232,7 +236,11 @@ class Emitter:
         if after is None:
             self._enqueue(messages, waiter)
         else:
-            after.add_done_callback(functools.partial(self._enqueue_after, messages, waiter))
+            waiting = self._gated.get(after)
+            if waiting is None:
+                waiting = self._gated[after] = []
+                after.add_done_callback(self._release)
+            waiting.append((messages, waiter))
         await waiter.future
 
     def prefetch_soon(self, topics: list[str], timeout_s: float = 5.0) -> None:
@@ -253,15 +261,19 @@ class Emitter:
         self._pending.extend([(m, waiter) for m in messages])
         self._wake.set()
 
-    def _enqueue_after(self, messages: list[Outgoing], waiter: _Waiter, after: asyncio.Future[None]) -> None:
-        if waiter.future.done():  # the publisher was cancelled meanwhile
-            return
-        if after.cancelled():
-            waiter.future.cancel()
-        elif (exc := after.exception()) is not None:
-            waiter.fail(exc)
-        else:
-            self._enqueue(messages, waiter)
+    def _release(self, after: asyncio.Future[None]) -> None:
+        """`after` is done: the publishes that waited for it join the next round together, or fail."""
+        error = None if after.cancelled() else after.exception()
+        for messages, waiter in self._gated.pop(after, ()):
+            if waiter.future.done():  # the publisher was cancelled meanwhile
+                continue
+            if after.cancelled():
+                waiter.future.cancel()
+            elif error is not None:
+                waiter.fail(error)
+            else:
+                self._pending.extend([(m, waiter) for m in messages])
+        self._wake.set()
 
     async def _pump(self) -> None:
         while True:

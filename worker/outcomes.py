@@ -8,7 +8,8 @@ falls back to plain at-least-once, counted in llm_worker_idempotency_degraded_to
 
 Cost per request is kept to a few microseconds: the lookups of all requests that ask in the same event-loop
 turn go out as one MGET, and their writes (outcome and emitted marker alike) as one script call setting
-every key with the TTL, each through the shared RedisBatch. The stored record is the events' own bytes
+every key with the TTL, each through the shared RedisBatch; the puts of a turn share one future, so the
+emitter releases their publishes with one callback. The stored record is the events' own bytes
 behind a small JSON header, so nothing is re-serialised. (The multi-key script assumes one Redis node, not
 Redis Cluster.)
 """
@@ -83,6 +84,8 @@ class OutcomeStore:
         self._sets: list[_Set] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._marking: set[asyncio.Future[Any]] = set()
+        #: The future of this turn's puts (one for all of them), until the turn's script call is sent.
+        self._gate: asyncio.Future[None] | None = None
 
     async def get(self, request_id: str) -> StoredOutcome | None:
         loop = self._running_loop()
@@ -100,8 +103,14 @@ class OutcomeStore:
         return StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
 
     def put_soon(self, request_id: str, messages: list[Outgoing]) -> asyncio.Future[None]:
-        """Store the events; the future to publish them after (Emitter.publish(after=...))."""
-        return self._set("put", self.prefix + request_id, encode_outcome(messages))
+        """Store the events; the future to publish them after (Emitter.publish(after=...)). It is the
+        future of this loop turn's script call, shared by every put of the turn: await it, never cancel
+        it (that would cancel the others' publishes too)."""
+        gate = self._gate
+        if gate is None:
+            gate = self._gate = self._running_loop().create_future()
+        self._queue_set(self.prefix + request_id, encode_outcome(messages), gate, "put")
+        return gate
 
     async def mark_emitted(self, request_id: str) -> None:
         await self._set("mark_emitted", self.emitted_prefix + request_id, b"1")
@@ -147,6 +156,7 @@ class OutcomeStore:
 
     def _flush_sets(self) -> None:
         sets, self._sets = self._sets, []
+        self._gate = None
         if not sets:  # flushed early by aclose()
             return
         keys = [key for key, _, _, _ in sets]
@@ -161,19 +171,15 @@ class OutcomeStore:
         exc = None if reply.cancelled() else reply.exception()
         down = exc if isinstance(exc, RedisError | OSError) else None
         for _, _, future, op in sets:
-            if future is None:  # an emitted mark: nobody waits for it
-                if down is not None:
-                    self._degraded(op, down)
-                continue
-            if future.done():
+            if down is not None:  # each write that was not made, puts and emitted marks alike
+                self._degraded(op, down)
+            if future is None or future.done():  # an emitted mark (nobody waits), or the turn's puts told
                 continue
             if reply.cancelled():
                 future.cancel()
             elif exc is not None and down is None:
                 future.set_exception(exc)
             else:
-                if down is not None:
-                    self._degraded(op, down)
                 future.set_result(None)
 
     def _degraded(self, op: str, exc: Exception) -> None:

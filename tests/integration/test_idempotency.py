@@ -73,3 +73,23 @@ async def test_an_unreadable_stored_record_fails_only_its_own_lookup() -> None:
     finally:
         await store.aclose()
         await redis.aclose()
+
+
+async def test_the_puts_of_one_loop_turn_share_one_future_done_when_all_are_stored() -> None:
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"turn-{uuid.uuid4()}"
+    store = OutcomeStore(redis, prefix, ttl_s=60)
+    try:
+        first = store.put_soon("a", [Outgoing("result", "t", "a", b"1", "c")])
+        second = store.put_soon("b", [Outgoing("result", "t", "b", b"2", "c")])
+        assert first is second and not first.done()
+        await asyncio.wait_for(first, 5)
+        assert await redis.exists(f"{prefix}:outcome:a", f"{prefix}:outcome:b") == 2
+        later = store.put_soon("c", [Outgoing("result", "t", "c", b"3", "c")])
+        assert later is not first
+        await asyncio.wait_for(later, 5)
+        stored = await store.get("c")
+        assert stored is not None and [m.value for m in stored.messages] == [b"3"]
+    finally:
+        await store.aclose()
+        await redis.aclose()

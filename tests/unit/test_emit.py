@@ -210,6 +210,33 @@ async def test_publish_after_a_future_that_fails_or_is_cancelled_sends_nothing(h
     await emitter.aclose()
 
 
+async def test_publishes_after_one_future_go_out_together_and_a_cancelled_one_stays_out() -> None:
+    """What OutcomeStore.put_soon hands every put of a loop turn: one future, many publishes after it."""
+    from worker.emit import Emitter
+
+    producer = _Producer()
+    emitter, stored = Emitter(producer), asyncio.get_running_loop().create_future()  # type: ignore[arg-type]
+    batches = [[Outgoing("result", "t", f"r{i}", f"v{i}".encode(), "c")] for i in range(3)]
+    publishing = [asyncio.create_task(emitter.publish(b, after=stored)) for b in batches]
+    await asyncio.sleep(0)
+    publishing[1].cancel()
+    await asyncio.sleep(0.01)
+    assert producer.sent == []
+    stored.set_result(None)
+    await asyncio.wait_for(asyncio.gather(publishing[0], publishing[2]), 1)
+    assert sorted(producer.sent) == [b"v0", b"v2"]
+    assert publishing[1].cancelled()
+    later = asyncio.get_running_loop().create_future()
+    failing = [asyncio.create_task(emitter.publish(b, after=later)) for b in batches[:2]]
+    await asyncio.sleep(0)
+    later.set_exception(RuntimeError("store broke"))
+    for task in failing:
+        with pytest.raises(RuntimeError, match="store broke"):
+            await task
+    assert sorted(producer.sent) == [b"v0", b"v2"]
+    await emitter.aclose()
+
+
 async def test_a_record_the_batch_refuses_fails_its_publish_and_the_pump_keeps_serving() -> None:
     from worker.emit import Emitter
 
