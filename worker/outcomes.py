@@ -67,7 +67,8 @@ def decode_outcome(stored: bytes) -> list[Outgoing]:
     return out
 
 
-#: A queued SET: key, value, the future to tell (None for an emitted mark), the op for the degraded metric.
+#: A queued SET: key, value, the future to tell (the turn's shared one for a put, None for
+#: mark_emitted_soon), the op for the degraded metric.
 _Set = tuple[str, bytes, asyncio.Future[None] | None, str]
 
 
@@ -106,10 +107,11 @@ class OutcomeStore:
         """Store the events; the future to publish them after (Emitter.publish(after=...)). It is the
         future of this loop turn's script call, shared by every put of the turn: await it, never cancel
         it (that would cancel the others' publishes too)."""
+        value = encode_outcome(messages)
         gate = self._gate
-        if gate is None:
+        if gate is None or gate.done():  # done: cancelled after all; the later puts get a future of their own
             gate = self._gate = self._running_loop().create_future()
-        self._queue_set(self.prefix + request_id, encode_outcome(messages), gate, "put")
+        self._queue_set(self.prefix + request_id, value, gate, "put")
         return gate
 
     async def mark_emitted(self, request_id: str) -> None:
@@ -173,7 +175,7 @@ class OutcomeStore:
         for _, _, future, op in sets:
             if down is not None:  # each write that was not made, puts and emitted marks alike
                 self._degraded(op, down)
-            if future is None or future.done():  # an emitted mark (nobody waits), or the turn's puts told
+            if future is None or future.done():  # nobody waits, the caller gave up, or the turn's puts told
                 continue
             if reply.cancelled():
                 future.cancel()

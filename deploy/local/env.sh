@@ -2,17 +2,21 @@
 # Re-installs only when pyproject.toml changed since the last install.
 VENV=${VENV:-$ROOT/.venv}
 # The interpreter (VENV_PYTHON overrides): Debian's python3.11 where there is one. It is built with PGO and
-# LTO into a static binary, as the python:3.11 images are; a pyenv build is neither unless asked for
-# (--enable-optimizations, --with-lto), and on it the worker used about a fifth more CPU per request
-# (README, Performance).
+# LTO (and linked statically with libpython); a pyenv build has neither unless asked for
+# (--enable-optimizations, --with-lto), and on it the worker used about a quarter more CPU per request
+# (README, Measured performance).
 if [ -z "${VENV_PYTHON:-}" ]; then
   for candidate in /usr/bin/python3.11 python3.11 python3; do
     if command -v "$candidate" >/dev/null; then VENV_PYTHON=$candidate; break; fi
   done
 fi
+: "${VENV_PYTHON:?no python3.11 or python3 found: install one, or set VENV_PYTHON}"
 if [ ! -x "$VENV/bin/python" ]; then
   "$VENV_PYTHON" -m venv "$VENV" || {
-    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && "$VENV_PYTHON" -m venv "$VENV"
+    # Debian splits venv support out per version: the package of the chosen interpreter's version.
+    version=$("$VENV_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    rm -rf "$VENV"  # a failed attempt leaves bin/python without pip
+    apt-get update -qq && apt-get install -y -qq "python$version-venv" >/dev/null && "$VENV_PYTHON" -m venv "$VENV"
   }
 fi
 stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"

@@ -90,6 +90,12 @@ async def test_the_puts_of_one_loop_turn_share_one_future_done_when_all_are_stor
         await asyncio.wait_for(later, 5)
         stored = await store.get("c")
         assert stored is not None and [m.value for m in stored.messages] == [b"3"]
+        cancelled = store.put_soon("d", [Outgoing("result", "t", "d", b"4", "c")])
+        cancelled.cancel()  # against the rule; the puts after it in the turn must not inherit that
+        fresh = store.put_soon("e", [Outgoing("result", "t", "e", b"5", "c")])
+        assert fresh is not cancelled
+        await asyncio.wait_for(fresh, 5)
+        assert await redis.exists(f"{prefix}:outcome:d", f"{prefix}:outcome:e") == 2
     finally:
         await store.aclose()
         await redis.aclose()
