@@ -3,6 +3,7 @@ and counts the offset finished when it returns."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -97,6 +98,7 @@ class Handler:
             self._dead_lettered.add(where)
         callback: str | None = None
         events: list[Outgoing] = []
+        stored_before: asyncio.Future[None] | None = None
         try:
             job = decode_request(
                 record.value, header_text(record.headers, "correlation_id"), self.topics.comparison_result
@@ -114,21 +116,29 @@ class Handler:
                 call = self.orchestrator.resolve(job.request)
                 err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
                 events = self._events(job, CallOutcome(call, error=err), 0, cache="miss")
+                # Stored before published, as every request's events are: a retry of this call (some of
+                # them may have landed) and a redelivery send these same events, never a second result.
+                stored_before = self.outcomes.put_soon(job.request_id, events)
         if events:
-            await self._publish_terminal(events, callback)
+            await self._publish_terminal(events, callback, stored_before)
+            if job is not None:
+                self.outcomes.mark_emitted_soon(job.request_id)
         self._dead_lettered.discard(where)
 
-    async def _publish_terminal(self, events: list[Outgoing], callback: str | None) -> None:
-        """Publish a poison request's events. What failed may be one of them: its callback topic (missing,
-        refused) or another event's topic. Then the result alone goes out, on the default result topic
-        when the callback topic is not it, so that the partition is never held by what cannot be sent."""
+    async def _publish_terminal(
+        self, events: list[Outgoing], callback: str | None, after: asyncio.Future[None] | None = None
+    ) -> None:
+        """Publish a poison request's events (the first try once `after`, their store, is done). What
+        failed may be one of them: its callback topic (missing, refused) or another event's topic. Then the
+        result alone goes out, on the default result topic when the callback topic is not it, so that the
+        partition is never held by what cannot be sent."""
         default = self.topics.comparison_result
         results = [m for m in events if m.kind == "result"]
         redirected = [Outgoing(m.kind, default, m.key, m.value, m.correlation_id) for m in results]
         tries = [events, results, redirected] if callback not in (None, default) else [events, results]
         for i, messages in enumerate(tries):
             try:
-                await self.emitter.publish(messages)
+                await self.emitter.publish(messages, after=after if i == 0 else None)
                 return
             except Exception as exc:
                 if i == len(tries) - 1 or not tries[i + 1]:

@@ -525,6 +525,48 @@ async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_
     assert dlq["error"].startswith("processing failed: KafkaConnectionError")
 
 
+async def test_a_poison_requests_error_result_is_stored_so_retries_and_redelivery_resend_the_same_event(
+    prefix, topics_for, kafka_for
+):
+    # The poison path's first call fails after its result landed (the result goes out, then the publish
+    # fails): the retried call sends that same result, not a new one with a new event id. A redelivery
+    # to a handler without the bug replays it too, with no provider call and no contradicting success.
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    refusals = 0
+    async with running_worker(settings) as runtime:
+        real_handle, real_publish = runtime.loop.handle, runtime.emitter.publish
+
+        async def buggy_handle(record: ConsumerRecord) -> None:
+            if b"poison-3" in record.value:
+                raise RuntimeError("handler bug")
+            await real_handle(record)
+
+        async def publish(messages: list[Any], after: Any = None) -> None:
+            nonlocal refusals
+            await real_publish(messages, after=after)
+            if any(m.kind == "result" and m.key == "poison-3" for m in messages) and refusals < 3:
+                refusals += 1  # both tries of the first call, and the first of the second
+                raise KafkaConnectionError("acknowledgement lost")
+
+        runtime.loop.handle = buggy_handle
+        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        await kafka.send(request_envelope(request_id="poison-3"))
+        await kafka.wait_for(kafka.topics.comparison_result, 4, timeout_s=60)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 1}
+    assert refusals == 3
+    again = make_settings(prefix, partitions=1, consumer_group=f"{prefix}-again")
+    async with running_worker(again) as second:
+        results = await kafka.wait_for(kafka.topics.comparison_result, 5, timeout_s=30)
+        assert second.providers["mock"].calls == 0
+    assert len(results) == 5
+    assert len({r["event_id"] for r in results}) == 1
+    assert {r["data"]["error_detail"]["error_code"] for r in results} == {"PROCESSING_ERROR"}
+    assert len(kafka.of(kafka.topics.dlq)) == 1
+
+
 async def test_a_poison_message_whose_result_takes_retries_to_land_is_dead_lettered_once(
     prefix, topics_for, kafka_for
 ):
