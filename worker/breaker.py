@@ -2,7 +2,9 @@
 open -> half-open after `recovery_s`; half-open lets `half_open_probes` calls through and closes when they
 all succeed, or opens again on the first failure. State is exported as a gauge (0 closed, 1 half-open,
 2 open). Only failures that say the provider is unhealthy count (see COUNTED); a refusal, a bad answer or
-our own deadline does not."""
+our own deadline does not, unless it cut a call that had run `slow_call_s` already (the orchestrator counts
+that as a timeout): a provider that hangs then opens its breaker even when every request's deadline is
+shorter than the HTTP read timeout."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class BreakerPolicy:
     window_s: float = 60.0
     recovery_s: float = 30.0
     half_open_probes: int = 1
+    slow_call_s: float = 60.0
 
 
 class CircuitBreaker:

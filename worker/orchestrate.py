@@ -141,6 +141,7 @@ class Orchestrator:
                     r.breaker_window_s,
                     r.breaker_recovery_s,
                     r.breaker_half_open_probes,
+                    r.breaker_slow_call_s,
                 )
             ),
             limiter=Limiter(
@@ -360,6 +361,7 @@ class Orchestrator:
             raise RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for rate-limit capacity")
         answer: Answer | None = None
         error: WorkerError | None = None
+        cut = False
         started_at, t0 = utc_now(), time.perf_counter()
         try:
             if deadline_s is None:
@@ -369,6 +371,7 @@ class Orchestrator:
                     answer = await provider.compare(call)
         except TimeoutError:
             error = RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for the provider")
+            cut = True
         except WorkerError as exc:
             error = exc
             if quotes_prompt(exc.message, call):  # provider messages are emitted; prompt text never is
@@ -402,10 +405,12 @@ class Orchestrator:
         usage = answer.usage if answer else _billed_usage(error)
         if grant is not None and self.limiter is not None:
             await self.limiter.settle(grant, usage.total_tokens if usage else None)
-        if error is not None and error.code is ErrorCode.EXPIRED:
+        # Cut by our deadline: not the provider's fault, unless it had run past the slow-call bound (hung).
+        slow = cut and 0 < breaker.policy.slow_call_s <= duration_s
+        if error is not None and error.code is ErrorCode.EXPIRED and not slow:
             breaker.release()
         else:
-            breaker.record(error.code if error else None)
+            breaker.record(ErrorCode.TIMEOUT if slow else error.code if error else None)
             self.router.observe_latency(call.provider, duration_s)
         self._account(call, answer, error, usage, started_at, duration_s, outcome)
         if error is not None:

@@ -155,6 +155,11 @@ class ResilienceSettings(BaseSettings):
     breaker_window_s: float = Field(default=60.0, gt=0)
     breaker_recovery_s: float = Field(default=30.0, gt=0)
     breaker_half_open_probes: int = Field(default=1, ge=1)
+    breaker_slow_call_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A call our deadline cut after this long counts as a timeout; 0: never.",
+    )
     rate_limits: dict[str, dict[str, int]] = Field(
         default_factory=dict,
         description='JSON: {"openai": {"requests_per_minute": 500, "tokens_per_minute": 200000, '

@@ -1,6 +1,9 @@
-"""Fallback chain and breaker in the orchestrator, with scripted providers and an injected clock/sleep."""
+"""Fallback chain and breaker in the orchestrator, with scripted providers and an injected clock/sleep (the
+hanging provider on the real clock, with deadlines of 0.1 s)."""
 
 from __future__ import annotations
+
+from time import monotonic
 
 from contracts import ErrorCode, ProviderName
 from tests.unit.fakes import OK, FakeTime, Scripted, err
@@ -98,3 +101,39 @@ async def test_breaker_recovers_through_a_half_open_probe() -> None:
     outcome = await o.run(CALL, None)
     assert outcome.answer is not None
     assert o.breakers["p"].state is BreakerState.CLOSED
+
+
+def _hanging(slow_call_s: float, threshold: int = 2) -> tuple[Orchestrator, Scripted]:
+    """A provider that does not answer within a request's deadline, on the real clock."""
+    p = Scripted("p", delay_s=10)
+    o = Orchestrator(
+        {"p": p},  # type: ignore[dict-item]
+        PriceTable({}),
+        ProviderName.MOCK,
+        breakers=Breakers(BreakerPolicy(threshold, 60, 30, 1, slow_call_s)),
+        retry=RetryPolicy(max_attempts=1),
+    )
+    return o, p
+
+
+async def test_a_provider_hanging_past_the_slow_call_bound_opens_its_breaker_though_deadlines_cut_it() -> (
+    None
+):
+    o, p = _hanging(slow_call_s=0.05)
+    for _ in range(2):
+        outcome = await o.run(CALL, monotonic() + 0.1)
+        assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED  # the request's own
+    assert o.breakers["p"].state is BreakerState.OPEN
+    outcome = await o.run(CALL, monotonic() + 0.1)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.PROVIDER_UNAVAILABLE
+    assert len(p.calls) == 2
+
+
+async def test_calls_cut_by_the_deadline_before_the_slow_call_bound_do_not_count() -> None:
+    for slow_call_s in (0.5, 0.0):  # not yet that slow; counting such calls switched off
+        o, p = _hanging(slow_call_s)
+        for _ in range(3):
+            outcome = await o.run(CALL, monotonic() + 0.1)
+            assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED
+        assert o.breakers["p"].state is BreakerState.CLOSED
+        assert len(p.calls) == 3
