@@ -220,6 +220,7 @@ class Emitter:
         self._no_metadata: dict[str, float] = {}
         #: Publishes waiting for a future (publish's `after`), by that future.
         self._gated: dict[asyncio.Future[None], list[tuple[list[Outgoing], _Waiter]]] = {}
+        self._closed = False
 
     async def publish(self, messages: list[Outgoing], after: asyncio.Future[None] | None = None) -> None:
         """Send the messages and wait until Kafka acknowledged all of them. With `after`, they are sent
@@ -228,6 +229,8 @@ class Emitter:
         future to every put of a loop turn: one callback for all of them, not one each)."""
         if not messages:
             return
+        if self._closed:
+            raise RuntimeError("the emitter is closed")
         if self._pump_task is None:
             self._loop = asyncio.get_running_loop()
             self._pump_task = asyncio.create_task(self._pump())
@@ -421,11 +424,18 @@ class Emitter:
         delivery.add_done_callback(functools.partial(_settle, counts))
 
     async def aclose(self) -> None:
+        """Stop sending. Publishes not yet handed to the producer are cancelled: those queued for the pump,
+        those waiting for their `after` future, and those waiting for a topic's metadata."""
+        self._closed = True
         tasks = [t for t in (self._pump_task, *self._chains) if t is not None]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        gated, self._gated = self._gated, {}
+        for _, waiter in [item for waiting in gated.values() for item in waiting] + self._pending:
+            waiter.future.cancel()
+        self._pending = []
 
 
 class _Waiter:

@@ -476,3 +476,20 @@ def test_dumps_writes_what_pydantic_writes() -> None:
     models = [TokenUsage(prompt_tokens=1, total_tokens=2**40), {"u": TokenUsage(), "n": [None, True]}]
     for value in [*floats, *texts, *times, *models, 2**64, -(2**63) - 1, {"big": [2**70]}]:
         assert dumps(value) == pydantic_core.to_json(value, inf_nan_mode="null"), value
+
+
+async def test_aclose_cancels_publishes_queued_or_waiting_for_their_future_and_refuses_later_ones() -> None:
+    from worker.emit import Emitter
+
+    producer = _Producer()
+    emitter, never = Emitter(producer), asyncio.get_running_loop().create_future()  # type: ignore[arg-type]
+    gated = asyncio.create_task(emitter.publish(_events(1), after=never))
+    queued = asyncio.create_task(emitter.publish(_events(1)))
+    await asyncio.sleep(0)  # both are waiting; the pump has not run yet
+    await emitter.aclose()
+    for task in (gated, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 1)
+    assert producer.sent == []
+    with pytest.raises(RuntimeError, match="closed"):
+        await emitter.publish(_events(1))
