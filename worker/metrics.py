@@ -109,11 +109,12 @@ class HistogramTally:
         self.total = 0.0
 
     def observe(self, amount: float) -> None:
-        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bucket with amount <= its bound
         self.total += amount
+        if amount == amount:  # NaN joins the sum only, as in the child's own observe()
+            self.counts[bisect_left(self.bounds, amount)] += 1  # the first bucket with amount <= its bound
 
     def flush(self) -> None:
-        if not any(self.counts):
+        if not any(self.counts) and not self.total:  # a NaN total alone is still flushed
             return
         counts, self.counts, total, self.total = self.counts, [0] * len(self.bounds), self.total, 0.0
         # prometheus-client has no call to add many observations at once: its buckets and sum take them

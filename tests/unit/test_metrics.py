@@ -40,6 +40,18 @@ def test_tallies_expose_what_the_metrics_own_calls_would() -> None:
         assert _exposed(tallied) == _exposed(direct)
 
 
+def test_a_nan_observation_is_exposed_as_the_histograms_own_observe_would() -> None:
+    tallied, direct = CollectorRegistry(), CollectorRegistry()
+    hists = [Histogram("n_seconds", "n", buckets=(1, 2), registry=r) for r in (tallied, direct)]
+    for values in ([float("nan")], [1.5, 0.5]):
+        for v in values:
+            metrics.labelled(hists[0]).observe(v)
+            hists[1].observe(v)
+        metrics.flush()
+        assert _exposed(tallied) == _exposed(direct)
+    assert 'n_seconds_bucket{le="1.0"} 1.0' in _exposed(tallied)
+
+
 def test_labelled_returns_one_tally_per_child() -> None:
     c = Counter("once_total", "c", ["k"], registry=CollectorRegistry())
     assert metrics.labelled(c, "x") is metrics.labelled(c, "x")
