@@ -525,6 +525,37 @@ async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_
     assert dlq["error"].startswith("processing failed: KafkaConnectionError")
 
 
+def _fail_handling(runtime: Any, marker: bytes) -> None:
+    """The running worker's handler fails (a bug) on every record whose value holds `marker`."""
+    real_handle = runtime.loop.handle
+
+    async def buggy_handle(record: ConsumerRecord) -> None:
+        if marker in record.value:
+            raise RuntimeError("handler bug")
+        await real_handle(record)
+
+    runtime.loop.handle = buggy_handle
+
+
+def _refuse_result_publishes(runtime: Any, key: str, times: int, *, after_sending: bool) -> list[int]:
+    """The next `times` publishes holding the result keyed `key` fail: before anything is sent, or after
+    all of it was (an acknowledgement lost). The list counts the refusals."""
+    real_publish, refused = runtime.emitter.publish, [0]
+
+    async def publish(messages: list[Any], after: Any = None) -> None:
+        holds = any(m.kind == "result" and m.key == key for m in messages)
+        if holds and not after_sending and refused[0] < times:
+            refused[0] += 1
+            raise KafkaConnectionError("result topic briefly unavailable")
+        await real_publish(messages, after=after)
+        if holds and after_sending and refused[0] < times:
+            refused[0] += 1
+            raise KafkaConnectionError("acknowledgement lost")
+
+    runtime.emitter.publish = publish
+    return refused
+
+
 async def test_a_poison_requests_error_result_is_stored_so_retries_and_redelivery_resend_the_same_event(
     prefix, topics_for, kafka_for
 ):
@@ -534,29 +565,15 @@ async def test_a_poison_requests_error_result_is_stored_so_retries_and_redeliver
     settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
     await topics_for(settings)
     kafka = await kafka_for(settings)
-    refusals = 0
     async with running_worker(settings) as runtime:
-        real_handle, real_publish = runtime.loop.handle, runtime.emitter.publish
-
-        async def buggy_handle(record: ConsumerRecord) -> None:
-            if b"poison-3" in record.value:
-                raise RuntimeError("handler bug")
-            await real_handle(record)
-
-        async def publish(messages: list[Any], after: Any = None) -> None:
-            nonlocal refusals
-            await real_publish(messages, after=after)
-            if any(m.kind == "result" and m.key == "poison-3" for m in messages) and refusals < 3:
-                refusals += 1  # both tries of the first call, and the first of the second
-                raise KafkaConnectionError("acknowledgement lost")
-
-        runtime.loop.handle = buggy_handle
-        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        _fail_handling(runtime, b"poison-3")
+        # Both tries of the first call, and the first of the second.
+        refusals = _refuse_result_publishes(runtime, "poison-3", 3, after_sending=True)
         await kafka.send(request_envelope(request_id="poison-3"))
         await kafka.wait_for(kafka.topics.comparison_result, 4, timeout_s=60)
         await runtime.loop.commit()
         assert await committed_offsets(settings, 1) == {0: 1}
-    assert refusals == 3
+    assert refusals == [3]
     again = make_settings(prefix, partitions=1, consumer_group=f"{prefix}-again")
     async with running_worker(again) as second:
         results = await kafka.wait_for(kafka.topics.comparison_result, 5, timeout_s=30)
@@ -573,29 +590,14 @@ async def test_a_poison_message_whose_result_takes_retries_to_land_is_dead_lette
     settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
     await topics_for(settings)
     kafka = await kafka_for(settings)
-    refusals = 0
     async with running_worker(settings) as runtime:
-        real_handle, real_publish = runtime.loop.handle, runtime.emitter.publish
-
-        async def buggy_handle(record: ConsumerRecord) -> None:
-            if b"poison-2" in record.value:
-                raise RuntimeError("handler bug")
-            await real_handle(record)
-
-        async def publish(messages: list[Any], after: Any = None) -> None:
-            nonlocal refusals
-            if any(m.kind == "result" and m.key == "poison-2" for m in messages) and refusals < 2:
-                refusals += 1
-                raise KafkaConnectionError("result topic briefly unavailable")
-            await real_publish(messages, after=after)
-
-        runtime.loop.handle = buggy_handle
-        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        _fail_handling(runtime, b"poison-2")
+        refusals = _refuse_result_publishes(runtime, "poison-2", 2, after_sending=False)
         await kafka.send(request_envelope(request_id="poison-2"))
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1, timeout_s=60)
         await runtime.loop.commit()
         assert await committed_offsets(settings, 1) == {0: 1}
         await asyncio.sleep(0.3)
-    assert refusals == 2
+    assert refusals == [2]
     assert len(kafka.of(kafka.topics.dlq)) == 1  # not once per try of the result
     assert result["data"]["error_detail"]["error_code"] == "PROCESSING_ERROR"
