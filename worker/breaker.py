@@ -2,9 +2,9 @@
 open -> half-open after `recovery_s`; half-open lets `half_open_probes` calls through and closes when they
 all succeed, or opens again on the first failure. State is exported as a gauge (0 closed, 1 half-open,
 2 open). Only failures that say the provider is unhealthy count (see COUNTED); a refusal, a bad answer or
-our own deadline does not, unless it cut a call that had run `slow_call_s` already (the orchestrator counts
-that as a timeout): a provider that hangs then opens its breaker even when every request's deadline is
-shorter than the HTTP read timeout."""
+our own deadline does not, unless it cut a call that had run `slow_call_s` already (see `cut`): a provider
+that hangs then opens its breaker under deadlines of at least that long, though shorter than the HTTP read
+timeout."""
 
 from __future__ import annotations
 
@@ -91,6 +91,15 @@ class CircuitBreaker:
                 self._failures.popleft()
             if len(self._failures) >= self.policy.failure_threshold:
                 self._open()
+
+    def cut(self, ran_s: float) -> bool:
+        """Our deadline cut the call after `ran_s`: a timeout if it had run `slow_call_s` (True: the provider
+        hangs), else as if it had never reached the provider."""
+        if 0 < self.policy.slow_call_s <= ran_s:
+            self.record(ErrorCode.TIMEOUT)
+            return True
+        self.release()
+        return False
 
     def release(self) -> None:
         """The call that try_acquire let through never reached the provider (or was cut by our deadline)."""

@@ -290,12 +290,18 @@ class Emitter:
                     for _, waiter in pending:
                         waiter.fail(exc)
                     continue
-                for (topic, partition), items in groups.items():
-                    try:
-                        await self._send(topic, partition, items)
-                    except Exception as exc:  # e.g. a record the batch refuses: fail its publishes only
-                        for _, _, waiter in items:
-                            waiter.fail(exc)
+                try:
+                    for (topic, partition), items in groups.items():
+                        try:
+                            await self._send(topic, partition, items)
+                        except Exception as exc:  # e.g. a record the batch refuses: fail its publishes only
+                            for _, _, waiter in items:
+                                waiter.fail(exc)
+                except BaseException:  # cancelled (aclose) mid-round: its publishes must not wait for ever
+                    for _, waiter in pending:
+                        if not waiter.future.done():
+                            waiter.future.cancel()
+                    raise
 
     def _group(self, pending: list[tuple[Outgoing, _Waiter]]) -> dict[tuple[str, int], list[_Item]]:
         """Keyed events go where the Java client's partitioner puts them (murmur2 of the key). Keyless
@@ -424,8 +430,10 @@ class Emitter:
         delivery.add_done_callback(functools.partial(_settle, counts))
 
     async def aclose(self) -> None:
-        """Stop sending. Publishes not yet handed to the producer are cancelled: those queued for the pump,
-        those waiting for their `after` future, and those waiting for a topic's metadata."""
+        """Stop sending. Publishes still waiting are cancelled: those queued for the pump or waiting for
+        their `after` future, those of the round the pump was sending (what it had handed to the producer may
+        still go out with the producer's flush), and those waiting for a topic's metadata. Later publishes
+        are refused."""
         self._closed = True
         tasks = [t for t in (self._pump_task, *self._chains) if t is not None]
         for task in tasks:

@@ -88,7 +88,8 @@ class Handler:
     async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
         """After the poison attempts are spent: the DLQ record, then the request's terminal events when it
         is readable: the stored ones if an outcome was recorded (they may be out already: never a second,
-        contradicting result), else INTERNAL_ERROR; VALIDATION_ERROR for an invalid request."""
+        contradicting result), else INTERNAL_ERROR (PROCESSING_ERROR on the wire), stored first like any
+        outcome; VALIDATION_ERROR for an invalid request."""
         where = (record.topic, record.partition, record.offset)
         if where not in self._dead_lettered:  # the consumer retries this whole call until it returns
             metrics.labelled(metrics.DLQ, "poison").inc()

@@ -405,12 +405,13 @@ class Orchestrator:
         usage = answer.usage if answer else _billed_usage(error)
         if grant is not None and self.limiter is not None:
             await self.limiter.settle(grant, usage.total_tokens if usage else None)
-        # Cut by our deadline: not the provider's fault, unless it had run past the slow-call bound (hung).
-        slow = cut and 0 < breaker.policy.slow_call_s <= duration_s
-        if error is not None and error.code is ErrorCode.EXPIRED and not slow:
+        if cut:  # by our deadline: the provider's fault only if it had run past the slow-call bound
+            if breaker.cut(duration_s):
+                self.router.observe_latency(call.provider, duration_s)
+        elif error is not None and error.code is ErrorCode.EXPIRED:
             breaker.release()
         else:
-            breaker.record(ErrorCode.TIMEOUT if slow else error.code if error else None)
+            breaker.record(error.code if error else None)
             self.router.observe_latency(call.provider, duration_s)
         self._account(call, answer, error, usage, started_at, duration_s, outcome)
         if error is not None:

@@ -117,3 +117,16 @@ def test_state_is_exported_as_a_gauge() -> None:
     clock.now += 5
     assert b.state is BreakerState.HALF_OPEN
     assert gauge._value.get() == 1
+
+
+def test_a_half_open_probe_cut_by_a_deadline_reopens_only_when_it_had_run_the_slow_call_bound() -> None:
+    clock = Clock()
+    b = CircuitBreaker("p", BreakerPolicy(3, 10, 5, 1, slow_call_s=2.0), clock)
+    fail(b, 3)
+    clock.now += 5
+    assert b.try_acquire() and not b.try_acquire()  # the one probe is out
+    assert b.cut(1.9) is False  # cut early: the probe is given back, not counted
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.try_acquire()
+    assert b.cut(2.0) is True  # it had hung past the bound: a timeout
+    assert b.state is BreakerState.OPEN

@@ -493,3 +493,19 @@ async def test_aclose_cancels_publishes_queued_or_waiting_for_their_future_and_r
     assert producer.sent == []
     with pytest.raises(RuntimeError, match="closed"):
         await emitter.publish(_events(1))
+
+
+async def test_aclose_while_the_pump_is_sending_cancels_that_rounds_publishes() -> None:
+    from worker.emit import Emitter
+
+    class Stuck(_Producer):
+        async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+            await asyncio.sleep(60)  # a send that never ends
+            raise AssertionError("unreachable")
+
+    emitter = Emitter(Stuck())  # type: ignore[arg-type]
+    publishing = asyncio.create_task(emitter.publish(_events(3)))
+    await asyncio.sleep(0.01)
+    await emitter.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(publishing, 1)
