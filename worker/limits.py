@@ -11,7 +11,9 @@ With Redis unreachable the limiter falls back, for `redis_retry_s`, to the same 
 limit / expected_replicas, and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO.
 
 A call that finds no room waits for it, bounded by its deadline (or `max_wait_s`), instead of failing;
-waiters of one limit in one process queue FIFO and only the head polls Redis.
+waiters under the same limits in one process queue FIFO and only the head polls Redis. A model with
+limits of its own has a queue of its own, so a wait for its quota does not hold up the provider's other
+models (their heads compete for the provider's capacity as they poll).
 
 Hot path: one Lua call per request, sent through RedisBatch so concurrent requests share a round trip.
 Token corrections are queued and ride along with the next acquire's call (a timer sends them on their
@@ -298,7 +300,7 @@ class Limiter:
         self._pending_timer: asyncio.TimerHandle | None = None
         self._corrections: set[asyncio.Task[None]] = set()
         self._redis_down_until = -math.inf
-        self._queues: dict[str, asyncio.Lock] = {}
+        self._queues: dict[tuple[str, ...], asyncio.Lock] = {}
         self._slots: dict[str, FifoSlots] = {}
         self._local: dict[str, _LocalWindow] = {}
         self._targets: dict[tuple[str, str], _Target | None] = {}
@@ -337,12 +339,9 @@ class Limiter:
                 if lim.max_concurrency
             ],
             windows=windows,
-            # waiters queue per the first window in scope order, so a provider's limit is one queue (a
-            # waiter for a model's own limit also holds up the provider's other models, up to their
-            # deadlines)
-            queue=self._queues.setdefault(in_scope_order[0].key, asyncio.Lock())
-            if windows
-            else asyncio.Lock(),
+            # one queue per set of windows: the provider's models without limits of their own share the
+            # provider's queue; a model with its own has another, so its wait does not hold up the rest
+            queue=self._queues.setdefault(keys, asyncio.Lock()),
             keys=keys,
             token_keys=tuple(w.key for w in windows if w.is_tokens),
             args=args,

@@ -217,3 +217,18 @@ async def test_waiting_behind_the_queues_head_is_bounded_by_the_deadline() -> No
     head.cancel()
     with pytest.raises(asyncio.CancelledError):
         await head
+
+
+async def test_a_wait_for_a_models_own_limit_does_not_hold_up_the_providers_other_models() -> None:
+    # Real time: the head waiting for "big"'s own window to move (about 2 s) is in a queue of its own.
+    limits = {"p": Limit(requests_per_minute=10), "p:big": Limit(requests_per_minute=1)}
+    limiter = Limiter(None, limits, "k", window_s=2.0)
+    await limiter.acquire("p", "big", 1)
+    head = asyncio.create_task(limiter.acquire("p", "big", 1))
+    await asyncio.sleep(0.01)
+    for model in ("small", "other"):  # the provider's limit has room for them
+        await asyncio.wait_for(limiter.acquire("p", model, 1), 0.5)
+    assert not head.done()
+    head.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await head
