@@ -271,7 +271,7 @@ class Emitter:
             if waiter.future.done():  # the publisher was cancelled meanwhile
                 continue
             if after.cancelled():
-                waiter.future.cancel()
+                waiter.cancel()
             elif error is not None:
                 waiter.fail(error)
             else:
@@ -299,8 +299,7 @@ class Emitter:
                                 waiter.fail(exc)
                 except BaseException:  # cancelled (aclose) mid-round: its publishes must not wait for ever
                     for _, waiter in pending:
-                        if not waiter.future.done():
-                            waiter.future.cancel()
+                        waiter.cancel()
                     raise
 
     def _group(self, pending: list[tuple[Outgoing, _Waiter]]) -> dict[tuple[str, int], list[_Item]]:
@@ -364,8 +363,7 @@ class Emitter:
             await self._send_unknown_round(topic, items)
         except BaseException:  # cancelled (aclose): the publishes still waiting must not wait for ever
             for _, _, waiter in items:
-                if not waiter.future.done():
-                    waiter.future.cancel()
+                waiter.cancel()
             raise
 
     async def _send_unknown_round(self, topic: str, items: list[_Item]) -> None:
@@ -442,7 +440,7 @@ class Emitter:
             await asyncio.wait(tasks)
         gated, self._gated = self._gated, {}
         for _, waiter in [item for waiting in gated.values() for item in waiting] + self._pending:
-            waiter.future.cancel()
+            waiter.cancel()
         self._pending = []
 
 
@@ -458,6 +456,9 @@ class _Waiter:
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+    def cancel(self) -> None:
+        self.future.cancel()  # a no-op once done
 
     def acked(self, n: int) -> None:
         self.remaining -= n
@@ -498,7 +499,7 @@ _KIND_HEADERS = {kind: ("event-kind", kind.encode()) for kind in get_args(Kind)}
 def _settle(counts: dict[_Waiter, int], delivery: asyncio.Future[Any]) -> None:
     if delivery.cancelled():
         for waiter in counts:
-            waiter.future.cancel()
+            waiter.cancel()
     elif (exc := delivery.exception()) is not None:
         for waiter in counts:
             waiter.fail(exc)
