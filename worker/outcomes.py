@@ -8,10 +8,10 @@ falls back to plain at-least-once, counted in llm_worker_idempotency_degraded_to
 
 Cost per request is kept to a few microseconds: the lookups of all requests that ask in the same event-loop
 turn go out as one MGET, and their writes (outcome and emitted marker alike) as one script call setting
-every key with the TTL, each through the shared RedisBatch; the puts of a turn share one future, so the
-emitter releases their publishes with one callback. The stored record is the events' own bytes
-behind a small JSON header, so nothing is re-serialised. (The multi-key script assumes one Redis node, not
-Redis Cluster.)
+every key with the TTL (an outcome only where none is stored yet: the first one recorded is kept), each
+through the shared RedisBatch; the puts of a turn share one future, so the emitter releases their publishes
+with one callback. The stored record is the events' own bytes behind a small JSON header, so nothing is
+re-serialised. (The multi-key script assumes one Redis node, not Redis Cluster.)
 """
 
 from __future__ import annotations
@@ -32,9 +32,15 @@ from worker.redis_batch import RedisBatch
 
 log = logging.getLogger(__name__)
 
+# The first ARGV[#ARGV] keys are outcomes, set only where none is stored (NX): the first outcome recorded
+# for a request stays, even when a later run of it (after a lookup Redis could not answer) ends
+# otherwise. The rest are emitted markers.
 _SET_ALL = """
-local ttl = ARGV[#ARGV]
-for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i], 'EX', ttl) end
+local ttl, outcomes = ARGV[#ARGV - 1], tonumber(ARGV[#ARGV])
+for i, key in ipairs(KEYS) do
+  if i <= outcomes then redis.call('SET', key, ARGV[i], 'EX', ttl, 'NX')
+  else redis.call('SET', key, ARGV[i], 'EX', ttl) end
+end
 return #KEYS
 """
 
@@ -161,9 +167,12 @@ class OutcomeStore:
         self._gate = None
         if not sets:  # flushed early by aclose()
             return
+        outcomes = [s for s in sets if s[3] == "put"]
+        if len(outcomes) < len(sets):  # outcomes first (NX), then the emitted markers
+            sets = outcomes + [s for s in sets if s[3] != "put"]
         keys = [key for key, _, _, _ in sets]
         values = [value for _, value, _, _ in sets]
-        reply = self.batch.submit("EVAL", _SET_ALL, len(keys), *keys, *values, self.ttl_s)
+        reply = self.batch.submit("EVAL", _SET_ALL, len(keys), *keys, *values, self.ttl_s, len(outcomes))
         reply.add_done_callback(partial(self._hand_out_sets, sets))
         if any(future is None for _, _, future, _ in sets):  # emitted marks: aclose() waits for them
             self._marking.add(reply)

@@ -99,3 +99,27 @@ async def test_the_puts_of_one_loop_turn_share_one_future_done_when_all_are_stor
     finally:
         await store.aclose()
         await redis.aclose()
+
+
+async def test_a_stored_outcome_is_kept_when_a_later_run_stores_another() -> None:
+    """A lookup Redis could not answer lets a request run again; its outcome must not replace the first
+    one stored (which may be out already): redeliveries keep replaying the first. Emitted markers written
+    in the same script call are set as before."""
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"first-{uuid.uuid4()}"
+    store = OutcomeStore(redis, prefix, ttl_s=60)
+    try:
+        await store.put_soon("a", [Outgoing("result", "t", "a", b"first", "c")])
+        store.mark_emitted_soon("b")  # in one call with the second put of "a" and a first put of "c"
+        second = store.put_soon("a", [Outgoing("result", "t", "a", b"second", "c")])
+        third = store.put_soon("c", [Outgoing("result", "t", "c", b"only", "c")])
+        await asyncio.wait_for(second, 5)
+        assert third is second
+        kept, other = await asyncio.gather(store.get("a"), store.get("c"))
+        assert kept is not None and [m.value for m in kept.messages] == [b"first"]
+        assert other is not None and [m.value for m in other.messages] == [b"only"]
+        assert await redis.get(f"{prefix}:emitted:b") == b"1"
+        assert 0 < await redis.ttl(f"{prefix}:outcome:c") <= 60
+    finally:
+        await store.aclose()
+        await redis.aclose()
