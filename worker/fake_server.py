@@ -310,7 +310,11 @@ def _failure(api: str, scenario: str) -> web.Response | None:
                 api, 429, "rate_limit_error", "Number of request tokens has exceeded your rate limit", headers
             )
         return _error(
-            api, 429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota).", headers
+            api,
+            429,
+            "RESOURCE_EXHAUSTED",
+            "You exceeded your current quota, please check your plan and billing details.",
+            headers,
         )
     if scenario == "server_error":
         kind = {"openai": "server_error", "anthropic": "api_error", "gemini": "INTERNAL"}[api]
@@ -357,8 +361,20 @@ def _error(
                     "domain": "googleapis.com",
                 }
             ]
-        if status == 429:
-            error["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]
+        if status == 429:  # a per-minute limit, as Gemini words it (the message mentions billing too)
+            quota = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
+            error["details"] = [
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [
+                        {
+                            "quotaMetric": quota,
+                            "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                        }
+                    ],
+                },
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"},
+            ]
         body = {"error": error}
     else:
         body = {

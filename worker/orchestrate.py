@@ -7,8 +7,9 @@ breaker or the limiter refused never reached a provider and records none.
 Retries (tenacity) stay on one provider: exponential backoff with full jitter, a provider's Retry-After
 honoured up to `retry_after_cap_s`, only retryable codes, a PARSING_ERROR retried at most once, at most
 `max_attempts` per provider and `attempt_budget` per request, and never a wait that ends past the
-deadline. When fallback is allowed (by the request or by configuration) a retryable failure or an open
-breaker moves the request to the next provider of the chain, at that provider's default model.
+deadline. When fallback is allowed (by the request or by configuration) a retryable failure, a spent
+quota (a 429 that is not retryable) or an open breaker moves the request to the next provider of the
+chain, at that provider's default model.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def should_retry(error: BaseException | None, attempts_so_far: Sequence[Attempt]
 
 
 def falls_back(error: WorkerError) -> bool:
-    return error.retryable and error.code is not ErrorCode.EXPIRED
+    """Worth the next provider: a retryable failure, or a quota spent at this one (not retryable here)."""
+    return (error.retryable or error.code is ErrorCode.RATE_LIMIT) and error.code is not ErrorCode.EXPIRED
 
 
 class Orchestrator:

@@ -178,6 +178,57 @@ def test_429_for_a_spent_quota_is_not_retryable() -> None:
     assert err.retryable is False
 
 
+_FREE_TIER_REQUESTS = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
+
+
+def _gemini_quota_429(quota_id: str) -> bytes:
+    """Gemini's 429 as it is sent today: the same message for every quota, the quota in QuotaFailure."""
+    return body(
+        {
+            "error": {
+                "code": 429,
+                "message": "You exceeded your current quota, please check your plan and billing details. "
+                "For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": [
+                            {
+                                "quotaMetric": _FREE_TIER_REQUESTS,
+                                "quotaId": quota_id,
+                                "quotaDimensions": {"location": "global", "model": "gemini-2.0-flash"},
+                                "quotaValue": "15",
+                            }
+                        ],
+                    },
+                    {
+                        "@type": "type.googleapis.com/google.rpc.Help",
+                        "links": [{"description": "Learn more"}],
+                    },
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "26s"},
+                ],
+            }
+        }
+    )
+
+
+def test_gemini_per_minute_429_is_retryable_after_its_delay_though_its_message_mentions_billing() -> None:
+    err = classify_error(
+        "google", 429, _gemini_quota_429("GenerateRequestsPerMinutePerProjectPerModel-FreeTier"), {}
+    )
+    assert err.code is ErrorCode.RATE_LIMIT
+    assert err.retryable is True and err.retry_after_s == 26.0
+
+
+def test_gemini_per_day_429_is_a_spent_quota() -> None:
+    err = classify_error(
+        "google", 429, _gemini_quota_429("GenerateRequestsPerDayPerProjectPerModel-FreeTier"), {}
+    )
+    assert err.code is ErrorCode.RATE_LIMIT
+    assert err.retryable is False
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 529])
 def test_5xx_and_529_are_retryable_external_service_errors(status: int) -> None:
     err = classify_error("anthropic", status, body(ANTHROPIC_529), {})

@@ -71,6 +71,15 @@ async def test_non_retryable_failure_does_not_fall_back() -> None:
     assert q.calls == []
 
 
+async def test_a_quota_spent_at_one_provider_falls_back_without_a_retry() -> None:
+    time = FakeTime()
+    spent = err(ErrorCode.RATE_LIMIT, http_status=429, retryable=False)
+    p, q = Scripted("p", spent), Scripted("q")
+    outcome = await make(p, q, time=time).run(CALL, None, allow_fallback=True)
+    assert outcome.answered_by is not None and outcome.answered_by.provider == "q"
+    assert len(p.calls) == 1  # not retried: the quota will not be back for this request
+
+
 async def test_open_breaker_fails_fast_without_calling_the_provider() -> None:
     time = FakeTime()
     p = Scripted("p", E5XX)

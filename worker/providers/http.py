@@ -55,7 +55,9 @@ _TOO_LONG_HINTS = (
     "request_too_large",
 )
 _POLICY_HINTS = ("content_policy_violation", "content_filter", "safety")
-_QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "billing")
+# A 429 for a spent quota: codes, not words of the message (Gemini's per-minute 429 says "check your plan
+# and billing details" too). Gemini's is told by its QuotaFailure: a per-day quota.
+_QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "perday")
 
 
 @functools.cache
@@ -274,8 +276,8 @@ def classify_error(
     retry_after_s. Reads the error bodies of OpenAI/OpenRouter ({"error": {type, code, message}}),
     Anthropic ({"type": "error", "error": {type, message}}) and Gemini ({"error": {status, message,
     details}})."""
-    error_type, message, retry_delay_s = _error_fields(body)
-    hints = f"{error_type} {message}".lower()
+    error_type, message, retry_delay_s, quota_ids = _error_fields(body)
+    hints = f"{error_type} {message} {quota_ids}".lower()
     retry_after_s = _retry_after_s(headers)
     if retry_after_s is None:
         retry_after_s = retry_delay_s
@@ -311,8 +313,9 @@ def _code_for(status: int, hints: str) -> tuple[ErrorCode, bool]:
     return ErrorCode.EXTERNAL_SERVICE_ERROR, False
 
 
-def _error_fields(body: bytes | str) -> tuple[str, str, float | None]:
-    """(provider error type, message, Gemini RetryInfo delay) from any of the providers' error bodies."""
+def _error_fields(body: bytes | str) -> tuple[str, str, float | None, str]:
+    """(provider error type, message, Gemini RetryInfo delay, Gemini QuotaFailure quota ids) from any of the
+    providers' error bodies."""
     try:
         doc = json.loads(body) if body else None
     except (ValueError, RecursionError):
@@ -322,24 +325,29 @@ def _error_fields(body: bytes | str) -> tuple[str, str, float | None]:
     error = doc.get("error") if isinstance(doc, dict) else None
     if not isinstance(error, dict):
         text = body.decode(errors="replace") if isinstance(body, bytes) else body
-        return "", text.strip()[:_MESSAGE_CHARS], None
+        return "", text.strip()[:_MESSAGE_CHARS], None, ""
     kinds = [error.get(k) for k in ("code", "type", "status")]
     error_type = next((k for k in kinds if isinstance(k, str) and k), "")
     message = str(error.get("message") or "")
     retry_delay_s = None
+    quota_ids: list[str] = []
     details = error.get("details")
     for detail in details if isinstance(details, list) else ():
         if not isinstance(detail, dict):
             continue
         if detail.get("reason"):  # google.rpc.ErrorInfo, e.g. API_KEY_INVALID
             error_type = f"{error_type}:{detail['reason']}" if error_type else str(detail["reason"])
+        violations = detail.get("violations")  # google.rpc.QuotaFailure
+        for violation in violations if isinstance(violations, list) else ():
+            if isinstance(violation, dict) and isinstance(violation.get("quotaId"), str):
+                quota_ids.append(violation["quotaId"])  # e.g. GenerateRequestsPerDayPerProjectPerModel
         delay = detail.get("retryDelay")  # google.rpc.RetryInfo, e.g. "30s"
         if isinstance(delay, str) and delay.endswith("s"):
             try:
                 retry_delay_s = _finite(float(delay[:-1]))
             except ValueError:
                 pass
-    return error_type, message, retry_delay_s
+    return error_type, message, retry_delay_s, " ".join(quota_ids)
 
 
 def _finite(value: float) -> float | None:
