@@ -15,6 +15,10 @@ Every request is answered after `latency_ms` with the scenario taken from the qu
     malformed     200 whose answer text is not JSON;  bad_answer  200 with confidence 7
     refused       200 refusal (OpenAI refusal / Anthropic stop_reason refusal / Gemini finishReason SAFETY)
     not_json      200 whose body is not JSON;  slow  answers after `slow_ms`;  hangup  closes the socket
+    flagged       OpenAI 400 invalid_prompt (reasoning models' policy refusal) / OpenRouter 403 moderation
+    error_in_200  OpenRouter 200 whose body is an upstream error;  choice_error  OpenRouter 200 with
+                  finish_reason "error" and the error in the choice
+    context_window  Anthropic 200 with stop_reason model_context_window_exceeded
 Received requests are recorded (`requests`) unless `record=False`.
 """
 
@@ -139,6 +143,8 @@ class FakeProviderServer:
         if isinstance(begun, web.StreamResponse):
             return begun
         scenario, body = begun
+        if request.path.startswith("/api/") and (failure := _openrouter_failure(scenario)) is not None:
+            return failure
         if (failure := _failure("openai", scenario)) is not None:
             return failure
         messages = body.get("messages") or []
@@ -217,6 +223,8 @@ class FakeProviderServer:
             stop = "end_turn"
         elif scenario == "refused":
             stop, content = "refusal", []
+        elif scenario == "context_window":
+            stop, content = "model_context_window_exceeded", [{"type": "text", "text": "Essay A"}]
         return _json_response(
             {
                 "id": f"msg_{_digest(text)[:24]}",
@@ -329,6 +337,14 @@ def _failure(api: str, scenario: str) -> web.Response | None:
             return _error(api, 400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
         kind = "invalid_api_key" if api == "openai" else "authentication_error"
         return _error(api, 401, kind, "Invalid API key provided.")
+    if scenario == "flagged" and api == "openai":
+        return _error(
+            api,
+            400,
+            "invalid_prompt",
+            "Invalid prompt: your prompt was flagged as potentially violating our usage policy. Please try "
+            "again with a different prompt.",
+        )
     if scenario == "context_length":
         message = {
             "openai": "This model's maximum context length is 128000 tokens. However, your messages resulted "
@@ -341,6 +357,37 @@ def _failure(api: str, scenario: str) -> web.Response | None:
             api, "INVALID_ARGUMENT"
         )
         return _error(api, 400, kind, message)
+    return None
+
+
+def _openrouter_failure(scenario: str) -> web.Response | None:
+    """OpenRouter's own failures: moderation (403), and errors it answers with HTTP 200."""
+    if scenario == "flagged":
+        error = {
+            "code": 403,
+            "message": "Your chosen model requires moderation and your input was flagged",
+            "metadata": {"reasons": ["harassment"], "flagged_input": "...", "provider_name": "OpenAI"},
+        }
+        return _json_response({"error": error}, status=403)
+    if scenario == "error_in_200":
+        error = {"code": 502, "message": "Provider returned error", "metadata": {"provider_name": "Fake"}}
+        return _json_response({"error": error, "user_id": "user_fake"})
+    if scenario == "choice_error":
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": ""},
+            "finish_reason": "error",
+            "native_finish_reason": "error",
+            "error": {"code": 429, "message": "Rate limit exceeded upstream", "metadata": {}},
+        }
+        return _json_response(
+            {
+                "id": "gen-fake",
+                "object": "chat.completion",
+                "model": "openai/gpt-4.1-mini",
+                "choices": [choice],
+            }
+        )
     return None
 
 

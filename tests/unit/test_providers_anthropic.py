@@ -160,3 +160,16 @@ async def test_529_overloaded_is_retryable_with_its_error_type() -> None:
         await provider.aclose()
     assert caught.value.details["http_status"] == 529
     assert caught.value.details["provider_error_type"] == "overloaded_error"
+
+
+async def test_a_stop_at_the_context_window_is_a_billed_content_too_long_not_retried() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.ANTHROPIC, settings_for(url))
+        assert provider is not None
+        server.enqueue("context_window")
+        with pytest.raises(ProviderError) as caught:
+            await provider.compare(make_call("anthropic", "claude-sonnet-4-5"))
+        await provider.aclose()
+    assert caught.value.code is ErrorCode.CONTENT_TOO_LONG and caught.value.retryable is False
+    assert caught.value.details["provider_error_type"] == "model_context_window_exceeded"
+    assert isinstance(caught.value.details["usage"], TokenUsage)

@@ -214,3 +214,41 @@ async def test_openrouter_falls_back_to_model_prefixes_while_its_model_list_is_u
     formats = [r.body["response_format"]["type"] for r in server.requests]
     assert formats == ["json_object", "json_schema", "json_object", "json_schema"]
     assert server.catalog_served == 2
+
+
+async def test_a_reasoning_models_policy_refusal_is_content_policy() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        server.enqueue("flagged")
+        with pytest.raises(ProviderError) as caught:
+            await provider.compare(make_call("openai", "o4-mini"))
+        await provider.aclose()
+    assert caught.value.code is ErrorCode.CONTENT_POLICY and caught.value.retryable is False
+    assert caught.value.details["provider_error_type"] == "invalid_prompt"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "code", "retryable", "status"),
+    [
+        ("flagged", ErrorCode.CONTENT_POLICY, False, 403),  # moderation, not a bad key
+        ("auth", ErrorCode.AUTHENTICATION_ERROR, False, 401),
+        ("error_in_200", ErrorCode.EXTERNAL_SERVICE_ERROR, True, 502),
+        ("choice_error", ErrorCode.RATE_LIMIT, True, 429),
+    ],
+)
+async def test_openrouter_failures_are_classified_by_what_they_are(
+    scenario: str, code: ErrorCode, retryable: bool, status: int
+) -> None:
+    """OpenRouter answers errors that come up during generation with HTTP 200: the error's own code
+    classifies them (not a PARSING_ERROR), so they are retried, counted and fall back as such."""
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENROUTER, settings_for(url))
+        assert provider is not None
+        server.enqueue(scenario)
+        with pytest.raises(ProviderError) as caught:
+            await provider.compare(make_call("openrouter", "mistralai/mistral-large"))
+        await provider.aclose()
+    assert caught.value.code is code
+    assert caught.value.retryable is retryable
+    assert caught.value.details["http_status"] == status

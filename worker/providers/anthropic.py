@@ -126,6 +126,14 @@ class AnthropicProvider:
                 raise billed_failure(
                     ErrorCode.PARSING_ERROR, self.name, "output truncated at max_tokens", "max_tokens", usage
                 )
+            if message.stop_reason == "model_context_window_exceeded":  # no room left to answer in
+                raise billed_failure(
+                    ErrorCode.CONTENT_TOO_LONG,
+                    self.name,
+                    "output stopped at the model's context window",
+                    message.stop_reason,
+                    usage,
+                )
             if message.stop_reason == "refusal":
                 raise billed_failure(ErrorCode.CONTENT_POLICY, self.name, "model refused", "refusal", usage)
             tool = next((b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME), None)

@@ -54,7 +54,9 @@ _TOO_LONG_HINTS = (
     "exceeds the maximum number of tokens",
     "request_too_large",
 )
-_POLICY_HINTS = ("content_policy_violation", "content_filter", "safety")
+# invalid_prompt: OpenAI's reasoning models' "your prompt was flagged as potentially violating our usage
+# policy".
+_POLICY_HINTS = ("content_policy_violation", "content_filter", "safety", "invalid_prompt")
 # A 429 for a spent quota: codes, not words of the message (Gemini's per-minute 429 says "check your plan
 # and billing details" too). Gemini's is told by its QuotaFailure: a per-day quota.
 _QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "perday")
@@ -294,6 +296,8 @@ def classify_error(
 
 
 def _code_for(status: int, hints: str) -> tuple[ErrorCode, bool]:
+    if status == 403 and "moderation" in hints and "flagged" in hints:  # OpenRouter's moderation refusal
+        return ErrorCode.CONTENT_POLICY, False
     if status in (401, 403) or "api_key_invalid" in hints:
         return ErrorCode.AUTHENTICATION_ERROR, False
     if status == 429:
@@ -388,6 +392,9 @@ def parse_response(model: type[_M], body: bytes, provider: str, what: str) -> _M
         raise ProviderError(ErrorCode.PARSING_ERROR, f"response is not {what}", provider=provider) from exc
 
 
+_NOT_AGAIN = (ErrorCode.CONTENT_POLICY, ErrorCode.CONTENT_TOO_LONG)
+
+
 def billed_failure(
     code: ErrorCode, provider: str, message: str, reason: str | None, usage: TokenUsage
 ) -> ProviderError:
@@ -396,7 +403,7 @@ def billed_failure(
     details: dict[str, Any] = {"provider": provider, "usage": usage}
     if reason is not None:
         details["provider_error_type"] = reason
-    if reason in ("length", "max_tokens", "MAX_TOKENS") or code is ErrorCode.CONTENT_POLICY:
+    if reason in ("length", "max_tokens", "MAX_TOKENS") or code in _NOT_AGAIN:
         details["retryable"] = False
     return ProviderError(code, f"{provider}: {message}", **details)
 

@@ -5,6 +5,7 @@ json_object where a model can't do schemas."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,9 +16,15 @@ import pydantic_core
 from pydantic import BaseModel, NonNegativeInt
 
 from contracts import ErrorCode, TokenUsage
-from worker.errors import WorkerError
+from worker.errors import ProviderError, WorkerError
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
-from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer, parse_response
+from worker.providers.http import (
+    HttpEndpoint,
+    billed_failure,
+    classify_error,
+    parse_billed_answer,
+    parse_response,
+)
 
 #: The comparison schema in the strictest common subset of strict mode (OpenAI and OpenAI-compatible
 #: servers): no length or range keywords, which some reject; parse_answer enforces both.
@@ -83,6 +90,7 @@ class _Message(BaseModel):
 class _Choice(BaseModel):
     message: _Message
     finish_reason: str | None = None
+    error: dict[str, Any] | None = None  # OpenRouter: an error mid-generation (finish_reason "error")
 
 
 class _PromptDetails(BaseModel):
@@ -229,11 +237,19 @@ class OpenAIProvider:
         return self.read_answer(body, call.model)
 
     def read_answer(self, body: bytes, requested_model: str) -> Answer:
-        completion = parse_response(_Completion, body, self.name, "a chat completion")
+        try:
+            completion = parse_response(_Completion, body, self.name, "a chat completion")
+        except WorkerError:
+            error = _error_in_200(self.name, body)
+            if error is None:
+                raise
+            raise error from None
         usage = completion.usage.normalised() if completion.usage else TokenUsage()
         if not completion.choices:
             raise billed_failure(ErrorCode.PARSING_ERROR, self.name, "no choices", "no_choices", usage)
         choice = completion.choices[0]
+        if choice.error is not None or choice.finish_reason == "error":
+            raise _classified(self.name, choice.error or {})
         if choice.message.refusal or choice.finish_reason == "content_filter":
             raise billed_failure(
                 ErrorCode.CONTENT_POLICY,
@@ -258,3 +274,21 @@ class OpenAIProvider:
         if self.schema_support is not None:
             await self.schema_support.aclose()
         await self.http.aclose()
+
+
+def _error_in_200(provider: str, body: bytes) -> ProviderError | None:
+    """OpenRouter answers an error that came up once generation had started with HTTP 200 and a body of
+    {"error": {"code", "message"}}: classified as that status would be, else None."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return _classified(provider, error) if isinstance(error, dict) else None
+
+
+def _classified(provider: str, error: dict[str, Any]) -> ProviderError:
+    """An error object inside a 200 body, by its code (an HTTP status), else as a 502 from upstream."""
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else 502
+    return classify_error(provider, status, json.dumps({"error": error}).encode(), {})
