@@ -229,6 +229,22 @@ def test_gemini_per_day_429_is_a_spent_quota() -> None:
     assert err.retryable is False
 
 
+def test_openai_429_for_a_request_larger_than_the_whole_minute_quota_is_not_retried() -> None:
+    doc = {
+        "error": {
+            "message": "Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit "
+            "30000, Requested 45000. The input or output tokens must be reduced in order to run "
+            "successfully.",
+            "type": "tokens",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    err = classify_error("openai", 429, body(doc), {"retry-after": "1"})
+    assert err.code is ErrorCode.RATE_LIMIT and err.retryable is False
+    assert classify_error("openai", 429, body(OPENAI_429), {}).retryable is True
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 529])
 def test_5xx_and_529_are_retryable_external_service_errors(status: int) -> None:
     err = classify_error("anthropic", status, body(ANTHROPIC_529), {})

@@ -59,7 +59,9 @@ _TOO_LONG_HINTS = (
 _POLICY_HINTS = ("content_policy_violation", "content_filter", "safety", "invalid_prompt")
 # A 429 for a spent quota: codes, not words of the message (Gemini's per-minute 429 says "check your plan
 # and billing details" too). Gemini's is told by its QuotaFailure: a per-day quota.
-_QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "perday")
+# OpenAI's "Request too large for <model> ... on tokens per min" is a request bigger than the whole
+# per-minute quota: never admitted, however long it waits.
+_QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "perday", "request too large")
 
 
 @functools.cache
