@@ -17,7 +17,7 @@ from faststream.kafka import KafkaBroker
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from worker.cache import AnswerCache, RedisGuard
-from worker.consume import ConsumeLoop
+from worker.consume import ConsumeLoop, rebalance_timeout_ms
 from worker.emit import Emitter
 from worker.handle import Handler
 from worker.logs import setup_logging
@@ -148,6 +148,9 @@ class Runtime:
             cache=self.cache,
             spend=SpendTracker(self._redis, s.spend, prefix, self.redis_guard),
         )
+        rebalance_ms = rebalance_timeout_ms(
+            s.flow, s.kafka.kafka_heartbeat_interval_ms, s.kafka.kafka_session_timeout_ms
+        )
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka.kafka_bootstrap_servers,
             group_id=s.kafka.consumer_group,
@@ -158,6 +161,9 @@ class Runtime:
             max_poll_records=s.flow.max_in_flight,
             session_timeout_ms=s.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=s.kafka.kafka_heartbeat_interval_ms,
+            rebalance_timeout_ms=rebalance_ms,
+            # A JoinGroup is answered when the rebalance completes: the client must wait that long for it.
+            request_timeout_ms=max(40_000, rebalance_ms + 5_000),
             fetch_max_wait_ms=s.kafka.kafka_fetch_max_wait_ms,
         )
         await consumer.start()

@@ -18,7 +18,8 @@ Correctness in four rules:
 
 Assignment: aiokafka implements only the eager rebalance protocol (no cooperative-sticky), so every
 rebalance revokes all partitions of this member: in-flight work gets REBALANCE_GRACE_SECONDS to finish and
-be committed, the rest is cancelled and redone by whoever owns the partition next. The sticky assignor keeps
+be committed, the rest is cancelled and redone by whoever owns the partition next (the consumer's rebalance
+timeout covers that wait: `rebalance_timeout_ms`). The sticky assignor keeps
 most partitions where they were.
 """
 
@@ -47,6 +48,20 @@ log = logging.getLogger(__name__)
 _DLQ_RETRY_MAX_S = 30.0
 # While the in-flight window stays full, poll (paused) at least this often to stay in the group.
 _FULL_POLL_S = 30.0
+# The commit on revocation and the last one at shutdown wait at most this long (aiokafka retries a commit
+# until the coordinator answers): past it, the next owner redoes what was not committed.
+COMMIT_BOUND_S = 5.0
+
+
+def rebalance_timeout_ms(flow: FlowSettings, heartbeat_interval_ms: int, session_timeout_ms: int) -> int:
+    """How long the broker waits for this member to rejoin in a rebalance. It hears of the rebalance on its
+    next heartbeat, then gives revoked work its grace and commits before rejoining; with the default (the
+    session timeout) a member still waiting for its grace is dropped from the group, its commit refused,
+    and it comes back with another rebalance, so with long calls members would take turns being dropped
+    and a slow request could be redone again and again."""
+    needed = heartbeat_interval_ms + (flow.rebalance_grace_seconds + COMMIT_BOUND_S) * 1000 + 5000
+    return max(session_timeout_ms, int(needed))
+
 
 Handle = Callable[[ConsumerRecord], Awaitable[None]]
 Poison = Callable[[ConsumerRecord, BaseException], Awaitable[None]]
@@ -72,6 +87,7 @@ class ConsumeLoop:
         self._commit_soon = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._stopping = False
+        self._fetch: asyncio.Future[dict[TopicPartition, list[ConsumerRecord]]] | None = None
         # Resume fetching once 2 % of the window is free: small enough to keep the window full, large
         # enough not to flip pause/resume on every completion.
         self._resume_at = flow.max_in_flight - max(1, flow.max_in_flight // 50)
@@ -94,7 +110,7 @@ class ConsumeLoop:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self.commit()
+            await self._commit_bounded(None, "shutdown")
             await self.consumer.stop()
 
     async def _fetch_once(self) -> None:
@@ -121,7 +137,20 @@ class ConsumeLoop:
         if not allowed:
             await asyncio.sleep(wait_s)
             return
-        batch = await self.consumer.getmany(timeout_ms=100, max_records=allowed)
+        # A task, so that stop() can cut it: getmany waits out a rebalance in progress, however long.
+        fetch = asyncio.ensure_future(self.consumer.getmany(timeout_ms=100, max_records=allowed))
+        self._fetch = fetch
+        try:
+            batch = await fetch
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stopping and fetch.cancelled() and not (task and task.cancelling()):
+                return  # cut by stop(), not this task cancelled
+            raise
+        finally:
+            self._fetch = None
+        if self._stopping:
+            return  # not started: not committed either, so whoever owns the partition next reads them
         for tp, records in batch.items():
             tracker = self.trackers.get(tp)
             if tracker is None or tp in self._revoking:
@@ -263,14 +292,24 @@ class ConsumeLoop:
             pending: set[asyncio.Task[None]] = set().union(*(self.tasks[tp] for tp in mine))
             if pending:
                 await asyncio.wait(pending, timeout=self.flow.rebalance_grace_seconds)
-            await self.commit(mine)
+            await self._commit_bounded(mine, "revocation")
+        finally:  # let go whatever happened above: no task or tracker of a partition we may not own
             for tp in mine:
-                for task in self.tasks.pop(tp):
+                for task in self.tasks.pop(tp, ()):
                     task.cancel()
-                del self.trackers[tp]
-        finally:
+                self.trackers.pop(tp, None)
             self._revoking.difference_update(mine)
         log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in mine)})
+
+    async def _commit_bounded(self, only: list[TopicPartition] | None, when: str) -> None:
+        """commit(), for at most COMMIT_BOUND_S and never raising: on revocation and at shutdown nothing
+        is left to retry it, and the next owner redoes what was not committed."""
+        try:
+            async with asyncio.timeout(COMMIT_BOUND_S):
+                await self.commit(only)
+        except Exception as exc:  # TimeoutError (Kafka unreachable), or a bug
+            metrics.labelled(metrics.COMMITS, "error").inc()
+            log.warning("offset commit failed; not retried", extra={"on": when, "error": repr(exc)})
 
     async def _drain(self, grace_s: float) -> None:
         self._set_backpressure(True)
@@ -290,6 +329,8 @@ class ConsumeLoop:
     def stop(self) -> None:
         self._stopping = True
         self._capacity.set()
+        if self._fetch is not None:
+            self._fetch.cancel()
 
 
 def _log_dlq_retry(state: RetryCallState) -> None:

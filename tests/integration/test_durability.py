@@ -191,6 +191,47 @@ async def test_two_workers_share_partitions_and_nothing_is_lost_when_one_leaves(
     assert answered == {e.data.request_id for e in envelopes}
 
 
+async def test_a_member_giving_its_calls_their_grace_on_revocation_stays_in_the_group(
+    prefix, topics_for, kafka_for
+):
+    """Calls longer than the session timeout are in flight when a second member joins. The first gives
+    them their grace, commits and rejoins within its rebalance timeout; with the session timeout as the
+    rebalance timeout it was dropped from the group meanwhile, its commit refused, and the second redid
+    every request (a second result for each)."""
+    partitions, n = 4, 20
+    settings = make_settings(
+        prefix,
+        partitions=partitions,
+        mock_latency_ms=8000,
+        rebalance_grace_seconds=12,
+        kafka_session_timeout_ms=6000,  # the broker's minimum
+        kafka_heartbeat_interval_ms=500,
+    )
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    envelopes = [request_envelope(i) for i in range(n)]
+    async with running_worker(settings) as first:
+        await _until(lambda: len(first.loop.trackers) == partitions, what="one worker owning every partition")
+        metas = await asyncio.gather(*(kafka.send(e) for e in envelopes))
+        await _until(lambda: first.loop.in_flight == n, what=f"{n} requests in flight")
+        async with running_worker(settings):
+            await kafka.wait_for(kafka.topics.comparison_result, n, timeout_s=60)
+            ends: dict[int, int] = defaultdict(int)
+            for m in metas:
+                ends[m.partition] = max(ends[m.partition], m.offset + 1)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 60
+            while await committed_offsets(settings, partitions) != {
+                p: ends.get(p) for p in range(partitions)
+            }:
+                assert loop.time() < end, "offsets never committed"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)  # a result published before that commit is read by now
+    counts = Counter(e["data"]["request_id"] for e in kafka.of(kafka.topics.comparison_result))
+    assert set(counts) == {e.data.request_id for e in envelopes}
+    assert set(counts.values()) == {1}, counts
+
+
 async def test_sigterm_drains_in_flight_work_commits_and_exits_0(prefix, topics_for, kafka_for, tmp_path):
     partitions = 2
     port = free_port()
