@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 
 from pydantic import SecretStr
 
-from contracts import PromptBlock
+from contracts import PromptBlock, ProviderName
+from worker.errors import ProviderError
 from worker.fake_server import FakeProviderServer
+from worker.providers import build_provider
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, ComparisonCall
 from worker.settings import ProviderSettings
 
@@ -54,3 +56,18 @@ def make_call(provider: str, model: str, *blocks: PromptBlock, **fields: object)
         prompt_blocks=blocks,
         **fields,  # type: ignore[arg-type]
     )
+
+
+async def failure_of(provider_name: ProviderName, scenario: str, call: ComparisonCall) -> ProviderError:
+    """The error a provider raises for one answer of the fake server in `scenario`."""
+    async with fake_server() as (server, url):
+        provider = build_provider(provider_name, settings_for(url))
+        assert provider is not None
+        server.enqueue(scenario)
+        try:
+            await provider.compare(call)
+        except ProviderError as exc:
+            return exc
+        finally:
+            await provider.aclose()
+    raise AssertionError(f"{provider_name.value} answered the {scenario!r} scenario")

@@ -10,7 +10,7 @@ from worker.providers import build_provider
 from worker.providers.anthropic import TOOL_NAME
 from worker.providers.base import COMPARISON_SCHEMA
 
-from .fake_providers import fake_server, make_call, settings_for
+from .fake_providers import failure_of, fake_server, make_call, settings_for
 
 
 def block(target: str, text: str, ttl: str | None = None) -> PromptBlock:
@@ -126,50 +126,28 @@ async def test_temperature_above_1_is_rejected_without_a_call() -> None:
     ],
 )
 async def test_anthropic_failures_are_classified(scenario: str, code: ErrorCode, retryable: bool) -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.ANTHROPIC, settings_for(url))
-        assert provider is not None
-        server.enqueue(scenario)
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("anthropic", "claude-haiku-4-5"))
-        await provider.aclose()
-    assert caught.value.code is code
-    assert caught.value.retryable is retryable
+    error = await failure_of(ProviderName.ANTHROPIC, scenario, make_call("anthropic", "claude-haiku-4-5"))
+    assert error.code is code
+    assert error.retryable is retryable
 
 
 async def test_max_tokens_stop_is_a_billed_error_not_a_parsed_answer() -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.ANTHROPIC, settings_for(url))
-        assert provider is not None
-        server.enqueue("truncated")
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("anthropic", "claude-haiku-4-5"))
-        await provider.aclose()
-    assert caught.value.details["provider_error_type"] == "max_tokens"
-    assert isinstance(caught.value.details["usage"], TokenUsage)
-    assert caught.value.details["usage"].completion_tokens == 70
+    error = await failure_of(ProviderName.ANTHROPIC, "truncated", make_call("anthropic", "claude-haiku-4-5"))
+    assert error.details["provider_error_type"] == "max_tokens"
+    assert isinstance(error.details["usage"], TokenUsage)
+    assert error.details["usage"].completion_tokens == 70
 
 
 async def test_529_overloaded_is_retryable_with_its_error_type() -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.ANTHROPIC, settings_for(url))
-        assert provider is not None
-        server.enqueue("overloaded")
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("anthropic", "claude-haiku-4-5"))
-        await provider.aclose()
-    assert caught.value.details["http_status"] == 529
-    assert caught.value.details["provider_error_type"] == "overloaded_error"
+    error = await failure_of(ProviderName.ANTHROPIC, "overloaded", make_call("anthropic", "claude-haiku-4-5"))
+    assert error.details["http_status"] == 529
+    assert error.details["provider_error_type"] == "overloaded_error"
 
 
 async def test_a_stop_at_the_context_window_is_a_billed_content_too_long_not_retried() -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.ANTHROPIC, settings_for(url))
-        assert provider is not None
-        server.enqueue("context_window")
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("anthropic", "claude-sonnet-4-5"))
-        await provider.aclose()
-    assert caught.value.code is ErrorCode.CONTENT_TOO_LONG and caught.value.retryable is False
-    assert caught.value.details["provider_error_type"] == "model_context_window_exceeded"
-    assert isinstance(caught.value.details["usage"], TokenUsage)
+    error = await failure_of(
+        ProviderName.ANTHROPIC, "context_window", make_call("anthropic", "claude-sonnet-4-5")
+    )
+    assert error.code is ErrorCode.CONTENT_TOO_LONG and error.retryable is False
+    assert error.details["provider_error_type"] == "model_context_window_exceeded"
+    assert isinstance(error.details["usage"], TokenUsage)

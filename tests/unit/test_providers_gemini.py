@@ -9,7 +9,7 @@ from worker.errors import ProviderError
 from worker.providers import build_provider
 from worker.providers.gemini import RESPONSE_SCHEMA
 
-from .fake_providers import fake_server, make_call, settings_for
+from .fake_providers import failure_of, fake_server, make_call, settings_for
 
 
 async def test_request_has_model_path_key_header_system_instruction_and_schema() -> None:
@@ -65,14 +65,8 @@ async def test_usage_counts_thoughts_as_reasoning_output_and_reports_cached_toke
     ],
 )
 async def test_gemini_failures_are_classified(scenario: str, code: ErrorCode) -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.GOOGLE, settings_for(url))
-        assert provider is not None
-        server.enqueue(scenario)
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("google", "gemini-2.5-flash"))
-        await provider.aclose()
-    assert caught.value.code is code
+    error = await failure_of(ProviderName.GOOGLE, scenario, make_call("google", "gemini-2.5-flash"))
+    assert error.code is code
 
 
 async def test_a_safety_finish_reason_is_content_policy() -> None:

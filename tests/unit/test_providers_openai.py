@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from contracts import ErrorCode, ProviderName, TokenUsage
-from worker.errors import ProviderError
 from worker.providers import build_provider
 from worker.providers.openai import STRICT_SCHEMA, OpenAIProvider, SchemaSupport
 
-from .fake_providers import fake_server, make_call, settings_for
+from .fake_providers import failure_of, fake_server, make_call, settings_for
 
 
 async def test_openai_request_has_path_bearer_auth_model_and_strict_json_schema() -> None:
@@ -133,39 +132,21 @@ async def test_openai_compatible_uses_its_own_base_url_and_key() -> None:
 async def test_openai_failures_are_classified_and_billed_ones_carry_usage(
     scenario: str, code: ErrorCode, billed: bool
 ) -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.OPENAI, settings_for(url))
-        assert provider is not None
-        server.enqueue(scenario)
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("openai", "gpt-4.1-mini"))
-        await provider.aclose()
-    assert caught.value.code is code
-    assert isinstance(caught.value.details.get("usage"), TokenUsage) is billed
+    error = await failure_of(ProviderName.OPENAI, scenario, make_call("openai", "gpt-4.1-mini"))
+    assert error.code is code
+    assert isinstance(error.details.get("usage"), TokenUsage) is billed
 
 
 async def test_truncated_output_is_not_retryable_and_reports_length() -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.OPENAI, settings_for(url))
-        assert provider is not None
-        server.enqueue("truncated")
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("openai", "gpt-4.1-mini"))
-        await provider.aclose()
-    assert caught.value.retryable is False
-    assert caught.value.details["provider_error_type"] == "length"
+    error = await failure_of(ProviderName.OPENAI, "truncated", make_call("openai", "gpt-4.1-mini"))
+    assert error.retryable is False
+    assert error.details["provider_error_type"] == "length"
 
 
 async def test_rate_limit_carries_retry_after_from_the_header() -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.OPENAI, settings_for(url))
-        assert provider is not None
-        server.enqueue("rate_limit")
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("openai", "gpt-4.1-mini"))
-        await provider.aclose()
-    assert caught.value.retry_after_s == 7.0
-    assert caught.value.details["http_status"] == 429
+    error = await failure_of(ProviderName.OPENAI, "rate_limit", make_call("openai", "gpt-4.1-mini"))
+    assert error.retry_after_s == 7.0
+    assert error.details["http_status"] == 429
 
 
 async def test_verbosity_is_sent_to_gpt_5_models_only() -> None:
@@ -217,15 +198,9 @@ async def test_openrouter_falls_back_to_model_prefixes_while_its_model_list_is_u
 
 
 async def test_a_reasoning_models_policy_refusal_is_content_policy() -> None:
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.OPENAI, settings_for(url))
-        assert provider is not None
-        server.enqueue("flagged")
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("openai", "o4-mini"))
-        await provider.aclose()
-    assert caught.value.code is ErrorCode.CONTENT_POLICY and caught.value.retryable is False
-    assert caught.value.details["provider_error_type"] == "invalid_prompt"
+    error = await failure_of(ProviderName.OPENAI, "flagged", make_call("openai", "o4-mini"))
+    assert error.code is ErrorCode.CONTENT_POLICY and error.retryable is False
+    assert error.details["provider_error_type"] == "invalid_prompt"
 
 
 @pytest.mark.parametrize(
@@ -242,13 +217,9 @@ async def test_openrouter_failures_are_classified_by_what_they_are(
 ) -> None:
     """OpenRouter answers errors that come up during generation with HTTP 200: the error's own code
     classifies them (not a PARSING_ERROR), so they are retried, counted and fall back as such."""
-    async with fake_server() as (server, url):
-        provider = build_provider(ProviderName.OPENROUTER, settings_for(url))
-        assert provider is not None
-        server.enqueue(scenario)
-        with pytest.raises(ProviderError) as caught:
-            await provider.compare(make_call("openrouter", "mistralai/mistral-large"))
-        await provider.aclose()
-    assert caught.value.code is code
-    assert caught.value.retryable is retryable
-    assert caught.value.details["http_status"] == status
+    error = await failure_of(
+        ProviderName.OPENROUTER, scenario, make_call("openrouter", "mistralai/mistral-large")
+    )
+    assert error.code is code
+    assert error.retryable is retryable
+    assert error.details["http_status"] == status
