@@ -19,8 +19,8 @@ Correctness in four rules:
 Assignment: aiokafka implements only the eager rebalance protocol (no cooperative-sticky), so every
 rebalance revokes all partitions of this member: in-flight work gets REBALANCE_GRACE_SECONDS to finish and
 be committed, the rest is cancelled and redone by whoever owns the partition next (the consumer's rebalance
-timeout covers that wait: `rebalance_timeout_ms`). The sticky assignor keeps
-most partitions where they were.
+timeout covers that wait: `rebalance_timeout_ms`). The sticky assignor keeps most partitions where they
+were.
 """
 
 from __future__ import annotations
