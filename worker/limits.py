@@ -8,7 +8,8 @@ replicas together never admit more than the limit within any window. Tokens are 
 before the call and corrected with the real usage after.
 
 With Redis unreachable the limiter falls back, for `redis_retry_s`, to the same window kept in process at
-limit / expected_replicas, and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO.
+limit / expected_replicas, and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO; a call
+takes its model's slot before its provider's, and holds none while it waits for room in the windows.
 
 A call that finds no room waits for it, bounded by its deadline (or `max_wait_s`), instead of failing;
 waiters under the same limits in one process queue FIFO and only the head polls Redis. A model with
@@ -333,9 +334,11 @@ class Limiter:
             *(w.limit for w in windows),
         )
         target = self._targets[(provider, model)] = _Target(
+            # the model's own slot before the provider's: a call waiting for its model's slot holds none of
+            # the provider's, which the provider's other models need
             slots=[
                 self._slots.setdefault(scope, FifoSlots(lim.max_concurrency))
-                for scope, lim in scopes
+                for scope, lim in reversed(scopes)
                 if lim.max_concurrency
             ],
             windows=windows,
@@ -363,14 +366,18 @@ class Limiter:
         t0 = self.clock()
         until = min(deadline_s if deadline_s is not None else math.inf, t0 + self.max_wait_s)
         try:
-            for slots in target.slots:
-                if not slots.try_acquire():
-                    async with asyncio.timeout(max(0.0, until - self.clock())):
-                        await slots.acquire()
-                grant.slots.append(slots)
+            await self._take_slots(grant, target, until)
             # fast path: nobody of this limit is waiting and there is room
             if target.windows and (target.queue.locked() or await self._try(grant, target) != 0.0):
+                # No slot is held while waiting for the windows: a wait for a model's own quota must not
+                # keep the provider's other models from the provider's slots. Taken again once admitted.
+                self.release_slots(grant)
                 await self._wait_for_windows(grant, target, until)
+                try:
+                    await self._take_slots(grant, target, until)
+                except BaseException:
+                    await self.settle(grant, None)  # admitted but never called: its tokens given back
+                    raise
         except TimeoutError:
             self.release_slots(grant)
             raise self._refused(provider, "no concurrency slot before the deadline") from None
@@ -379,6 +386,13 @@ class Limiter:
             raise
         target.waited.observe(self.clock() - t0)
         return grant
+
+    async def _take_slots(self, grant: Grant, target: _Target, until: float) -> None:
+        for slots in target.slots:
+            if not slots.try_acquire():
+                async with asyncio.timeout(max(0.0, until - self.clock())):
+                    await slots.acquire()
+            grant.slots.append(slots)
 
     async def _wait_for_windows(self, grant: Grant, target: _Target, until: float) -> None:
         remaining = until - self.clock()

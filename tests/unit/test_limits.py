@@ -232,3 +232,24 @@ async def test_a_wait_for_a_models_own_limit_does_not_hold_up_the_providers_othe
     head.cancel()
     with pytest.raises(asyncio.CancelledError):
         await head
+
+
+@pytest.mark.parametrize(
+    "big",
+    [Limit(max_concurrency=1), Limit(requests_per_minute=1)],
+    ids=["its own slot", "its own window"],
+)
+async def test_a_call_waiting_for_its_models_own_limit_holds_none_of_the_providers_slots(big: Limit) -> None:
+    # Real time (the window variant's head sleeps about 2 s). The provider has two slots: the first "big"
+    # call holds one; the second waits for "big"'s own limit and must leave the other to "small".
+    limiter = Limiter(None, {"p": Limit(max_concurrency=2), "p:big": big}, "k", window_s=2.0)
+    first = await limiter.acquire("p", "big", 1)
+    second = asyncio.create_task(limiter.acquire("p", "big", 1))
+    await asyncio.sleep(0.01)
+    small = await asyncio.wait_for(limiter.acquire("p", "small", 1, deadline_s=time.monotonic() + 0.3), 1)
+    assert not second.done()
+    await limiter.settle(small, 1)
+    await limiter.settle(first, 1)
+    granted = await asyncio.wait_for(second, 5)  # and the second gets its turn, with its slots
+    assert len(granted.slots) == (2 if big.max_concurrency else 1)
+    await limiter.settle(granted, 1)
