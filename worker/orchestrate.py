@@ -406,7 +406,9 @@ class Orchestrator:
                 )
         usage = answer.usage if answer else _billed_usage(error)
         if grant is not None and self.limiter is not None:
-            await self.limiter.settle(grant, usage.total_tokens if usage else None)
+            # A call our deadline cut reached the provider, which counts its prompt: the estimate stays.
+            used = usage.total_tokens if usage else grant.tokens if cut else None
+            await self.limiter.settle(grant, used)
         if cut:  # by our deadline: the provider's fault only if it had run past the slow-call bound
             if breaker.cut(duration_s):
                 self.router.observe_latency(call.provider, duration_s)

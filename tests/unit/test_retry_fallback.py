@@ -146,3 +146,27 @@ async def test_calls_cut_by_the_deadline_before_the_slow_call_bound_do_not_count
             assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED
         assert o.breakers["p"].state is BreakerState.CLOSED
         assert len(p.calls) == 3
+
+
+async def test_a_call_cut_by_the_deadline_keeps_its_token_estimate_in_the_limiter() -> None:
+    from worker.limits import Grant
+
+    settled: list[tuple[int, int | None]] = []
+
+    class Recording:
+        async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None) -> Grant:
+            return Grant(provider, tokens)
+
+        async def settle(self, grant: Grant, used: int | None) -> None:
+            settled.append((grant.tokens, used))
+
+        def release_slots(self, grant: Grant) -> None:
+            pass
+
+    o, p = _hanging(slow_call_s=0)
+    o.limiter = Recording()  # type: ignore[assignment]
+    outcome = await o.run(CALL, monotonic() + 0.1)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED
+    assert len(p.calls) == 1
+    assert len(settled) == 1 and settled[0][0] > 0
+    assert settled[0][1] == settled[0][0]  # not None: that would give the estimate back
