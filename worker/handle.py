@@ -214,17 +214,18 @@ class Handler:
     ) -> tuple[CallOutcome, list[Outgoing]]:
         """Budget check, the provider call, spend accounting: the outcome and any cost alerts it raised."""
         request = job.request
+        held = None
         if self.spend is not None and self.spend.has_budget(request.organization_id):
             try:
                 estimate = estimate_call_usd(self.orchestrator.prices, call)
-                await self.spend.check_budget(request.organization_id, estimate)
+                held = await self.spend.check_budget(request.organization_id, estimate)
             except RequestRejected as exc:
                 return CallOutcome(call, error=exc), []
         outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
         if self.spend is None or not self.spend.counts(request.organization_id):
             return outcome, []
         cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
-        alerts = await self.spend.record(request.organization_id, cost_usd)
+        alerts = await self.spend.record(request.organization_id, cost_usd, held)
         src, topic = self.service_name, self.topics.cost_alert
         return outcome, [
             make_event("cost_alert", topic, a.organization_id or "global", a, job.correlation_id, src)

@@ -7,8 +7,11 @@ buckets, sums, and decides threshold crossings atomically: an alert flag is SET 
 threshold (the one caller that sets it emits the LLMCostAlertV1) and deleted when the sum is below the
 threshold again, which re-arms it for the next crossing.
 
-Budgets are checked before the provider call against the spend so far plus an estimate of the call; calls
-already in flight when a budget is reached can overshoot it. With Redis unavailable spend is not counted
+Budgets are checked before the provider call against the spend so far plus an estimate of the call, and
+the estimate is held in the budget's window in the same script, so concurrent calls (on any replica) see
+each other's; the call's real cost replaces its hold when it ends (a failed call gives it back). The
+estimate is a lower bound (output uncapped counts 0), so in-flight calls can still overshoot by what they
+cost beyond it. With Redis unavailable spend is not counted
 and budgets are not enforced (llm_worker_spend_errors_total counts it): cost caps are soft, answers are not.
 """
 
@@ -35,16 +38,16 @@ BUCKETS_PER_WINDOW = 60
 NANO = 1_000_000_000
 
 # KEYS: per counter i, its hash (2i-1) and its alert flag (2i).
-# ARGV[1]: amount (nano-USD); then per counter: bucket, oldest bucket kept, ttl_s, threshold (0 = none).
-# Returns per counter {sum, crossed}.
+# ARGV per counter: amount (nano-USD, may be negative: a budget hold replaced), bucket, oldest bucket kept,
+# ttl_s, threshold (0 = none). Returns per counter {sum, crossed}.
 _RECORD = """
-local amount = tonumber(ARGV[1])
 local out = {}
 for i = 1, #KEYS / 2 do
   local counter, flag = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 2 + (i - 1) * 4
-  local bucket, oldest, ttl, threshold = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
-  redis.call('HINCRBY', counter, bucket, amount)
+  local a = 1 + (i - 1) * 5
+  local amount, bucket, oldest = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local ttl, threshold = ARGV[a + 3], tonumber(ARGV[a + 4])
+  if amount ~= 0 then redis.call('HINCRBY', counter, bucket, amount) end
   local total = 0
   local fields = redis.call('HGETALL', counter)
   for j = 1, #fields, 2 do
@@ -68,14 +71,21 @@ end
 return out
 """
 
-# KEYS[1]: a counter; ARGV[1]: oldest bucket kept. Returns the sum (nano-USD).
-_SUM = """
+# KEYS[1]: a budget counter; ARGV: oldest bucket kept, bucket, hold (nano-USD), budget (nano-USD), ttl_s.
+# The hold is added when the sum plus it stays within the budget. Returns {held (1/0), sum before}.
+_HOLD = """
+local oldest, amount = tonumber(ARGV[1]), tonumber(ARGV[3])
 local total = 0
 local fields = redis.call('HGETALL', KEYS[1])
 for j = 1, #fields, 2 do
-  if tonumber(fields[j]) >= tonumber(ARGV[1]) then total = total + tonumber(fields[j + 1]) end
+  if tonumber(fields[j]) >= oldest then total = total + tonumber(fields[j + 1]) end
 end
-return total
+if total + amount > tonumber(ARGV[4]) then return {0, total} end
+if amount > 0 then
+  redis.call('HINCRBY', KEYS[1], ARGV[2], amount)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+return {1, total}
 """
 
 
@@ -86,6 +96,14 @@ class _Counter:
     organization_id: str | None
     window_s: int
     threshold_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """An estimate held in an organization's budget window until the call's real cost replaces it."""
+
+    organization_id: str
+    nano: int
 
 
 def estimate_call_usd(prices: PriceTable, call: ComparisonCall) -> float:
@@ -112,7 +130,7 @@ class SpendTracker:
         self.guard = guard
         self.clock = clock
         self._record = redis.register_script(_RECORD)
-        self._sum = redis.register_script(_SUM)
+        self._hold = redis.register_script(_HOLD)
 
     def has_budget(self, organization_id: str | None) -> bool:
         """Whether check_budget can refuse this organization's calls (so the estimate is worth making)."""
@@ -126,45 +144,55 @@ class SpendTracker:
             and (s.org_cost_alert_threshold_usd is not None or s.org_budget_usd is not None)
         )
 
-    async def check_budget(self, organization_id: str | None, estimate_usd: float) -> None:
-        """RequestRejected(COST_LIMIT_EXCEEDED) when this call would take the organization over budget."""
+    async def check_budget(self, organization_id: str | None, estimate_usd: float) -> BudgetHold | None:
+        """RequestRejected(COST_LIMIT_EXCEEDED) when this call would take the organization over budget;
+        else the estimate, held in the budget's window: pass it to record() when the call ends."""
         budget = self.settings.org_budget_usd
         if budget is None or organization_id is None:
-            return
+            return None
         counter = self._budget(organization_id)
-        _, oldest = self._buckets(counter.window_s)
+        bucket, oldest = self._buckets(counter.window_s)
+        hold = max(0, round(estimate_usd * NANO))
+        args = [oldest, bucket, hold, round(budget * NANO), self._ttl_s(counter)]
         try:
-            spent_nano = await self.guard.call("budget", lambda: self._sum(keys=[counter.key], args=[oldest]))
+            held, spent_nano = await self.guard.call(
+                "budget", lambda: self._hold(keys=[counter.key], args=args)
+            )
         except RedisUnavailable:
             metrics.labelled(metrics.SPEND_ERRORS, "budget").inc()
-            return
-        spent_usd = int(spent_nano) / NANO
-        if spent_usd + estimate_usd > budget:
+            return None
+        if not held:
             metrics.BUDGET_REJECTED.inc()
             raise RequestRejected(
                 ErrorCode.COST_LIMIT_EXCEEDED,
                 "organization budget would be exceeded",
                 organization_id=organization_id,
                 budget_usd=budget,
-                spent_usd=round(spent_usd, 6),
+                spent_usd=round(int(spent_nano) / NANO, 6),
                 window_s=counter.window_s,
             )
+        return BudgetHold(organization_id, hold) if hold else None
 
-    async def record(self, organization_id: str | None, cost_usd: float) -> list[LLMCostAlertV1]:
-        """Add a real call's cost; the alerts this call's spend crossed (each crossing alerted once)."""
-        amount = round(cost_usd * NANO)
-        if amount <= 0:
+    async def record(
+        self, organization_id: str | None, cost_usd: float, held: BudgetHold | None = None
+    ) -> list[LLMCostAlertV1]:
+        """Add a real call's cost (in the budget's window, in place of its hold); the alerts this call's
+        spend crossed (each crossing alerted once)."""
+        amount = max(0, round(cost_usd * NANO))
+        held_nano = held.nano if held is not None and held.organization_id == organization_id else 0
+        if amount <= 0 and not held_nano:
             return []
         counters = self._counters(organization_id)
         if not counters:
             return []
         keys: list[str] = []
-        args: list[int | str] = [amount]
+        args: list[int | str] = []
         for c in counters:
             bucket, oldest = self._buckets(c.window_s)
             threshold = round(c.threshold_usd * NANO) if c.threshold_usd else 0
             keys += [c.key, f"{c.key}:alerted"]
-            args += [bucket, oldest, c.window_s + c.window_s // BUCKETS_PER_WINDOW, threshold]
+            change = amount - held_nano if c.scope == "budget" else amount
+            args += [change, bucket, oldest, self._ttl_s(c), threshold]
         try:
             totals = await self.guard.call("spend", lambda: self._record(keys=keys, args=args))
         except RedisUnavailable:
@@ -202,6 +230,9 @@ class SpendTracker:
     def _budget(self, organization_id: str) -> _Counter:
         window_s = self.settings.org_budget_window_s
         return _Counter(f"{self.prefix}:budget:{organization_id}", "budget", organization_id, window_s, None)
+
+    def _ttl_s(self, counter: _Counter) -> int:
+        return counter.window_s + counter.window_s // BUCKETS_PER_WINDOW
 
     def _buckets(self, window_s: int) -> tuple[int, int]:
         """(current bucket, oldest bucket still inside the window)."""

@@ -98,6 +98,31 @@ async def test_budget_refuses_a_call_that_would_exceed_it(tracker) -> None:
     assert exc.value.details["organization_id"] == "org1"
 
 
+async def test_calls_checked_at_once_on_several_replicas_hold_their_estimates_so_the_budget_holds(
+    tracker,
+) -> None:
+    replicas = [tracker(org_budget_usd=1.0) for _ in range(4)]
+    checks = await asyncio.gather(
+        *(replicas[i % 4].check_budget("org1", 0.1) for i in range(25)), return_exceptions=True
+    )
+    refused = [c for c in checks if isinstance(c, RequestRejected)]
+    assert len(refused) == 15  # ten estimates of 0.1 fill the budget of 1.0; before, all 25 passed
+    assert all(c.code is ErrorCode.COST_LIMIT_EXCEEDED for c in refused)
+
+
+async def test_a_calls_real_cost_replaces_its_hold_and_a_failed_call_gives_it_back(tracker) -> None:
+    spend = tracker(org_budget_usd=1.0)
+    cheaper = await spend.check_budget("org1", 0.5)
+    failed = await spend.check_budget("org1", 0.5)
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.01)  # both holds count
+    await spend.record("org1", 0.2, cheaper)  # cost 0.2 in place of 0.5
+    await spend.record("org1", 0.0, failed)  # billed nothing: its 0.5 is given back
+    assert await spend.check_budget("org1", 0.8) is not None  # 0.2 + 0.8 fills it exactly
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.01)
+
+
 async def test_budget_is_per_organization(tracker) -> None:
     spend = tracker(org_budget_usd=1.0)
     await spend.record("org1", 1.5)
