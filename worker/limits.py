@@ -8,7 +8,8 @@ replicas together never admit more than the limit within any window. Tokens are 
 before the call and corrected with the real usage after.
 
 With Redis unreachable the limiter falls back, for `redis_retry_s`, to the same window kept in process at
-limit / expected_replicas, and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO; a call
+limit / expected_replicas (a call larger than that share, within the limit, goes alone in its window),
+and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO; a call
 takes its model's slot before its provider's, and holds none while it waits for room in the windows.
 
 A call that finds no room waits for it, bounded by its deadline (or `max_wait_s`), instead of failing;
@@ -241,20 +242,24 @@ class _LocalWindow:
     """The same sliding window, in process: entries are [t, cost, live] so a grant can correct its own
     while it is still in the window (live 1.0; 0.0 once it aged out, when a correction no longer counts)."""
 
-    def __init__(self, limit: int, window_s: float) -> None:
+    def __init__(self, limit: int, window_s: float, whole: int | None = None) -> None:
         self.limit = limit
+        #: The shared limit this is a share of: a call up to it may still go, alone in the window.
+        self.whole = max(limit, whole or limit)
         self.window_s = window_s
         self.used = 0.0
         self.entries: deque[list[float]] = deque()
 
     def wait_s(self, cost: int, now: float) -> float:
         """0 when `cost` fits now; else seconds until it may; inf when it never can."""
-        if cost > self.limit:
+        if cost > self.whole:
             return math.inf
         while self.entries and self.entries[0][0] <= now - self.window_s:
             gone = self.entries.popleft()
             self.used -= gone[1]
             gone[2] = 0.0
+        if cost > self.limit:  # over this replica's share, within the shared limit: alone in the window
+            return max(self.entries[-1][0] + self.window_s - now, 1e-3) if self.entries else 0.0
         need = self.used + cost - self.limit
         if need <= 0:
             return 0.0
@@ -460,7 +465,7 @@ class Limiter:
         now = self.clock()
         local = [
             self._local.setdefault(
-                w.key, _LocalWindow(max(1, w.limit // self.expected_replicas), self.window_s)
+                w.key, _LocalWindow(max(1, w.limit // self.expected_replicas), self.window_s, w.limit)
             )
             for w in windows
         ]

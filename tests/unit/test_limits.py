@@ -71,6 +71,18 @@ async def test_call_larger_than_the_limit_is_refused_at_once() -> None:
     assert t.sleeps == []
 
 
+async def test_without_redis_a_call_over_the_replicas_share_but_within_the_limit_goes_alone() -> None:
+    t = FakeTime()
+    limiter = local_limiter({"p": Limit(tokens_per_minute=1000)}, t, replicas=4)  # a share of 250
+    first = await limiter.acquire("p", "m", 600)  # before: refused at once, though the key allows 1000
+    assert t.sleeps == []
+    await limiter.settle(first, 600)
+    await limiter.acquire("p", "m", 10)  # alone in the window: the next call waits for it to move
+    assert t.sleeps == [pytest.approx(60.0)]
+    with pytest.raises(ProviderError):
+        await limiter.acquire("p", "m", 1001)  # over the limit itself: never
+
+
 async def test_per_model_limit_applies_with_the_provider_limit() -> None:
     t = FakeTime()
     limiter = local_limiter({"p": Limit(requests_per_minute=10), "p:big": Limit(requests_per_minute=1)}, t)
