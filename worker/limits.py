@@ -9,8 +9,8 @@ before the call and corrected with the real usage after.
 
 With Redis unreachable the limiter falls back, for `redis_retry_s`, to the same window kept in process at
 limit / expected_replicas (a call larger than that share, within the limit, goes alone in its window),
-and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO; a call
-takes its model's slot before its provider's, and holds none while it waits for room in the windows.
+and sets LIMITER_DEGRADED. The concurrency cap is per replica, FIFO; a call takes its model's slot before
+its provider's, and holds none while it waits for room in the windows.
 
 A call that finds no room waits for it, bounded by its deadline (or `max_wait_s`), instead of failing;
 waiters under the same limits in one process queue FIFO and only the head polls Redis. A model with
