@@ -221,7 +221,12 @@ class Handler:
                 held = await self.spend.check_budget(request.organization_id, estimate)
             except RequestRejected as exc:
                 return CallOutcome(call, error=exc), []
-        outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
+        try:
+            outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
+        except BaseException:  # cancelled (revocation, shutdown): the hold must not stay for the window
+            if held is not None and self.spend is not None:
+                await self.spend.record(request.organization_id, 0.0, held)
+            raise
         if self.spend is None or not self.spend.counts(request.organization_id):
             return outcome, []
         cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)

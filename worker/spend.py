@@ -104,6 +104,7 @@ class BudgetHold:
 
     organization_id: str
     nano: int
+    bucket: int  # where it is held: the call's real cost replaces it there
 
 
 def estimate_call_usd(prices: PriceTable, call: ComparisonCall) -> float:
@@ -171,7 +172,7 @@ class SpendTracker:
                 spent_usd=round(int(spent_nano) / NANO, 6),
                 window_s=counter.window_s,
             )
-        return BudgetHold(organization_id, hold) if hold else None
+        return BudgetHold(organization_id, hold, bucket) if hold else None
 
     async def record(
         self, organization_id: str | None, cost_usd: float, held: BudgetHold | None = None
@@ -191,7 +192,9 @@ class SpendTracker:
             bucket, oldest = self._buckets(c.window_s)
             threshold = round(c.threshold_usd * NANO) if c.threshold_usd else 0
             keys += [c.key, f"{c.key}:alerted"]
-            change = amount - held_nano if c.scope == "budget" else amount
+            change = amount
+            if c.scope == "budget" and held is not None and held_nano:
+                change, bucket = amount - held_nano, held.bucket  # in place of the hold, in its bucket
             args += [change, bucket, oldest, self._ttl_s(c), threshold]
         try:
             totals = await self.guard.call("spend", lambda: self._record(keys=keys, args=args))

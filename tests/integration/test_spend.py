@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from contracts import ErrorCode
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, request_envelope
 from worker.cache import RedisGuard
 from worker.errors import RequestRejected
 from worker.settings import SpendSettings
@@ -121,6 +121,52 @@ async def test_a_calls_real_cost_replaces_its_hold_and_a_failed_call_gives_it_ba
     assert await spend.check_budget("org1", 0.8) is not None  # 0.2 + 0.8 fills it exactly
     with pytest.raises(RequestRejected):
         await spend.check_budget("org1", 0.01)
+
+
+async def test_a_hold_is_replaced_in_the_bucket_it_was_held_in(tracker, redis, prefix) -> None:
+    clock = Clock()
+    spend = tracker(clock, org_budget_usd=1.0, org_budget_window_s=3600)  # buckets of 60 s
+    held = await spend.check_budget("org1", 0.5)
+    clock.now += 120  # the call ended two buckets later
+    await spend.record("org1", 0.2, held)
+    buckets = {int(k): int(v) for k, v in (await redis.hgetall(f"{prefix}:spend:budget:org1")).items()}
+    assert held is not None and buckets == {held.bucket: 200_000_000}
+
+
+async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
+    tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation or shutdown past its grace cancels calls: their holds must not stay for the window."""
+    from worker import handle
+    from worker.handle import Handler
+    from worker.providers.base import ComparisonCall
+    from worker.settings import KafkaSettings
+    from worker.validate import decode_request
+
+    spend = tracker(org_budget_usd=1.0)
+    started = asyncio.Event()
+
+    class HangingOrchestrator:
+        prices = None
+
+        async def run(self, call: Any, deadline_s: Any, allow_fallback: bool = False) -> Any:
+            started.set()
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(handle, "estimate_call_usd", lambda prices, call: 0.5)
+    topics = KafkaSettings().topics
+    handler = Handler(HangingOrchestrator(), None, None, topics, "test", spend=spend)  # type: ignore[arg-type]
+    env = request_envelope(organization_id="org1")
+    job = decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
+    call = ComparisonCall(provider="openai", model="m", system_prompt="s", user_prompt="u")
+    task = asyncio.create_task(handler._call(job, call, None))
+    await asyncio.wait_for(started.wait(), 5)
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.6)  # 0.5 is held
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await spend.check_budget("org1", 1.0) is not None  # given back
 
 
 async def test_budget_is_per_organization(tracker) -> None:
