@@ -128,7 +128,7 @@ class ConsumeLoop:
                 # Full for a long time: poll with every partition paused, so that this member is not taken
                 # for dead (max.poll.interval.ms) however long the provider calls take.
                 self.consumer.pause(*self.consumer.assignment())
-                await self.consumer.getmany(timeout_ms=0)
+                await self._getmany(timeout_ms=0)
                 self.consumer.resume(*self.consumer.assignment())
             return
         if self._paused:
@@ -137,19 +137,8 @@ class ConsumeLoop:
         if not allowed:
             await asyncio.sleep(wait_s)
             return
-        # A task, so that stop() can cut it: getmany waits out a rebalance in progress, however long.
-        fetch = asyncio.ensure_future(self.consumer.getmany(timeout_ms=100, max_records=allowed))
-        self._fetch = fetch
-        try:
-            batch = await fetch
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._stopping and fetch.cancelled() and not (task and task.cancelling()):
-                return  # cut by stop(), not this task cancelled
-            raise
-        finally:
-            self._fetch = None
-        if self._stopping:
+        batch = await self._getmany(timeout_ms=100, max_records=allowed)
+        if batch is None or self._stopping:
             return  # not started: not committed either, so whoever owns the partition next reads them
         for tp, records in batch.items():
             tracker = self.trackers.get(tp)
@@ -157,6 +146,23 @@ class ConsumeLoop:
                 continue  # revoked while fetched: the next owner reads these again
             for record in records:
                 self._start(tp, tracker, record)
+
+    async def _getmany(
+        self, timeout_ms: int, max_records: int | None = None
+    ) -> dict[TopicPartition, list[ConsumerRecord]] | None:
+        """consumer.getmany in a task, so that stop() can cut it (None then): getmany waits out a rebalance
+        in progress, however long."""
+        fetch = asyncio.ensure_future(self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+        self._fetch = fetch
+        try:
+            return await fetch
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stopping and fetch.cancelled() and not (task and task.cancelling()):
+                return None  # cut by stop(), not this task cancelled
+            raise
+        finally:
+            self._fetch = None
 
     def _start(self, tp: TopicPartition, tracker: PartitionTracker, record: ConsumerRecord) -> None:
         tracker.admit(record.offset)
