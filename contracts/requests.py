@@ -5,10 +5,13 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+import pydantic_core
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPT_CHARS = 200_000
 MAX_BLOCKS = 32
+#: The request's metadata is echoed in its result: kept well under Kafka's 1 MB record limit.
+MAX_METADATA_JSON_BYTES = 64 * 1024
 #: A legal Kafka topic name: letters, digits, '.', '_', '-', but not "." or ".."; or "" (the default topic).
 TOPIC_NAME_PATTERN = r"^([a-zA-Z0-9._-]*[a-zA-Z0-9_-][a-zA-Z0-9._-]*|\.{3,}|)$"
 
@@ -79,11 +82,21 @@ class LLMComparisonRequestV1(BaseModel):
     llm_config_overrides: LLMConfigOverrides | None = Field(
         default=None, description="Per-request overrides."
     )
-    user_id: str | None = Field(default=None, description="Who asked.")
-    organization_id: str | None = Field(default=None, description="Organization billed.")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back untouched in the result.")
+    user_id: str | None = Field(default=None, max_length=200, description="Who asked.")
+    organization_id: str | None = Field(default=None, max_length=200, description="Organization billed.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Echoed back untouched in the result (at most 64 KiB as JSON).",
+    )
     cache: CachePolicy = Field(default=CachePolicy.USE, description="use | bypass | refresh.")
     deadline: AwareDatetime | None = Field(
         default=None, description="UTC time after which the answer is useless."
     )
     allow_fallback: bool = Field(default=False, description="May another provider answer if this one fails.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_fits_in_a_result(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value and len(pydantic_core.to_json(value, serialize_unknown=True)) > MAX_METADATA_JSON_BYTES:
+            raise ValueError(f"metadata over {MAX_METADATA_JSON_BYTES} bytes as JSON")
+        return value

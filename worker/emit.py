@@ -165,35 +165,52 @@ def _json_str(text: str) -> str:
 
 # Raw bytes kept in a DLQ record: base64 makes them a third larger, and the record must stay under Kafka's
 # default message limit (1 MB, broker and producer) whatever value came in, or the DLQ publish could never
-# land and the partition's watermark would wait for it forever. Header values share the budget.
+# land and the partition's watermark would wait for it forever. Header keys and values share the budget.
 DLQ_RAW_MAX_BYTES = 512 * 1024
+# The whole record value, whatever the headers hold (their JSON can outgrow their bytes: escapes, per-header
+# overhead): past it the headers are left out.
+DLQ_MAX_BYTES = 900 * 1024
+_DLQ_ERROR_CHARS = 2000
+_DLQ_HEADER_OVERHEAD = 16  # ["", ""], per header, as counted against the budget
 
 
 def make_dlq_record(
     topic: str, raw: bytes | None, error: str, headers: list[tuple[str, bytes]], source: dict[str, Any]
 ) -> Outgoing:
     """A DLQ record: the raw bytes base64 (their full length and SHA-256 alongside), the parse error, the
-    original headers, where it came from; header values and raw bytes together at most DLQ_RAW_MAX_BYTES."""
+    original headers, where it came from; header keys and values and raw bytes together at most
+    DLQ_RAW_MAX_BYTES, and the record value at most DLQ_MAX_BYTES."""
     raw = raw or b""
-    budget = DLQ_RAW_MAX_BYTES  # shared by the header values (kept first: they carry the correlation id)
+    budget = DLQ_RAW_MAX_BYTES  # shared by the headers (kept first: they carry the correlation id)
     kept_headers = []
+    headers_truncated = False
     for k, v in headers:
+        key = k[: max(0, budget)]
+        budget -= len(key.encode(errors="replace")) + _DLQ_HEADER_OVERHEAD
         value = (v or b"")[: max(0, budget)]
         budget -= len(value)
-        kept_headers.append([k, base64.b64encode(value).decode()])
+        if budget < 0:
+            headers_truncated = True  # this one and the rest left out
+            break
+        headers_truncated |= len(key) < len(k) or len(value) < len(v or b"")
+        kept_headers.append([key, base64.b64encode(value).decode()])
     kept = raw[: max(0, budget)]
     body = {
-        "error": error,
+        "error": error[:_DLQ_ERROR_CHARS],
         "raw_base64": base64.b64encode(kept).decode(),
         "raw_bytes": len(raw),
         "raw_truncated": len(kept) < len(raw),
         "raw_sha256": hashlib.sha256(raw).hexdigest(),
         "headers": kept_headers,
-        "headers_truncated": sum(len(v or b"") for _, v in headers) > DLQ_RAW_MAX_BYTES,
+        "headers_truncated": headers_truncated,
         "source": source,
     }
+    value = json.dumps(body).encode()
+    if len(value) > DLQ_MAX_BYTES:  # headers whose JSON outgrew their bytes: the record without them
+        body.update(headers=[], headers_truncated=True)
+        value = json.dumps(body).encode()
     cid = next((v.decode(errors="replace") for k, v in headers if k == "correlation_id" and v), "")
-    return Outgoing("dlq", topic, None, json.dumps(body).encode(), cid)
+    return Outgoing("dlq", topic, None, value, cid[:200])
 
 
 class Emitter:

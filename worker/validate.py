@@ -126,7 +126,11 @@ def _explain(
         fields=fields,
         reason=f"invalid request fields: {', '.join(fields)}",
         correlation_id=correlation_id,
-        request_id=request_id if isinstance(request_id, str) and request_id else str(doc.get("event_id", "")),
+        # The caller's id when it is one the contract allows (it keys the result, which must stay small),
+        # else the envelope's event id, else none.
+        request_id=request_id
+        if isinstance(request_id, str) and 0 < len(request_id) <= 200
+        else str(_as_uuid(doc.get("event_id")) or ""),
         # The result of an invalid request goes to its callback topic only if that is a usable name.
         callback_topic=callback
         if isinstance(callback, str) and callback and len(callback) <= 249 and _TOPIC_NAME.fullmatch(callback)

@@ -392,6 +392,25 @@ def test_a_dlq_record_fits_kafkas_1_mb_limit_whatever_came_in(
     assert record.correlation_id == "cid"
 
 
+@pytest.mark.parametrize(
+    ("headers", "raw_kb"),
+    [
+        ([("a", None)] * 300_000, 0),  # 900 KB of header framing on the wire: 3.3 MB as JSON before
+        ([("\u00e9" * 100_000, b"v")], 500),  # a key whose JSON escapes outgrow its bytes: 1.27 MB before
+        ([("correlation_id", b"c" * 2_000_000)], 0),
+    ],
+    ids=["many empty headers", "a non-ASCII key", "a huge correlation id"],
+)
+def test_a_dlq_record_fits_whatever_its_headers_hold(headers: list, raw_kb: int) -> None:
+    from worker.emit import DLQ_MAX_BYTES, make_dlq_record
+
+    record = make_dlq_record("dlq", b"r" * raw_kb * 1024, "x" * 100_000, headers, {"offset": 1})
+    body = json.loads(record.value)
+    assert len(record.value) <= DLQ_MAX_BYTES
+    assert body["headers_truncated"] is True
+    assert len(body["error"]) <= 2000 and len(record.correlation_id) <= 200
+
+
 async def test_a_missing_topic_is_waited_for_again_once_its_30_s_are_over_whatever_the_traffic(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -83,6 +83,44 @@ def test_an_empty_callback_topic_still_means_the_default_topic() -> None:
     assert decode_request(_envelope(callback_topic=""), None, DEFAULT_TOPIC).callback_topic == DEFAULT_TOPIC
 
 
+def test_an_invalid_request_id_too_long_to_key_a_result_is_replaced_by_the_event_id() -> None:
+    event_id = uuid.uuid4()
+    raw = json.dumps(
+        {
+            "event_id": str(event_id).upper(),
+            "correlation_id": str(uuid.uuid4()),
+            "data": {"request_id": "r" * 600_000, "user_prompt": "Essay A or B?"},
+        }
+    ).encode()
+    with pytest.raises(Invalid) as caught:
+        decode_request(raw, None, DEFAULT_TOPIC)
+    assert caught.value.request_id == str(event_id) and caught.value.fields == ["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("metadata", {"n": [1e9] * 90_000}),  # 360 KB in, 1.1 MB as the result's JSON
+        ("metadata", {"text": "m" * 70_000}),
+        ("user_id", "u" * 201),
+        ("organization_id", "o" * 201),
+    ],
+    ids=["metadata that grows as JSON", "large metadata", "user_id", "organization_id"],
+)
+def test_request_fields_echoed_in_results_are_bounded(field: str, value: object) -> None:
+    data = {"user_prompt": "Essay A or B?", field: value}
+    raw = json.dumps({"event_id": str(uuid.uuid4()), "correlation_id": str(uuid.uuid4()), "data": data})
+    with pytest.raises(Invalid) as caught:
+        decode_request(raw.encode(), None, DEFAULT_TOPIC)
+    assert caught.value.fields == [field]
+
+
+def test_ordinary_metadata_is_kept() -> None:
+    metadata = {"essay_a_id": "e1", "essay_b_id": "e2", "round": 3, "weights": [0.5, 1e9]}
+    job = decode_request(_envelope(metadata=metadata), None, DEFAULT_TOPIC)
+    assert job.request.metadata == metadata
+
+
 @pytest.mark.parametrize(
     "raw",
     [b"[" * 5000, b'{"correlation_id": ' + b"[" * 5000, b"{" * 3000 + b"}" * 3000],
