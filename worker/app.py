@@ -84,6 +84,8 @@ class Runtime:
     async def readiness(self) -> dict[str, Any]:
         """health() plus the consumer's state: owned partitions, requests in flight, paused or not."""
         report: dict[str, Any] = dict(await self.health())
+        if self.loop is None or not self.loop.assigned.is_set():  # not in the consumer group yet
+            report["status"] = "starting"
         if self.loop is not None:
             report.update(
                 partitions=sorted(tp.partition for tp in self.loop.trackers),

@@ -459,7 +459,7 @@ class Orchestrator:
     def _cost(self, model: str, usage: TokenUsage, cache_write_tokens: int = 0) -> Cost:
         cost = self.prices.cost(model, usage, cache_write_tokens)
         if not cost.price_known:
-            metrics.labelled(metrics.PRICE_UNKNOWN, model).inc()
+            metrics.labelled(metrics.PRICE_UNKNOWN, _unpriced_label(model)).inc()
         return cost
 
     async def aclose(self) -> None:
@@ -493,6 +493,21 @@ def _billed_usage(error: WorkerError | None) -> TokenUsage | None:
         usage = error.details.get("usage")
         return usage if isinstance(usage, TokenUsage) else None
     return None
+
+
+#: Model names labelled in llm_worker_price_unknown_total. Requests name models (model_override), so past
+#: this many the rest are counted as "other": a metric's series must not grow with what callers send.
+MAX_UNPRICED_LABELS = 100
+_unpriced: set[str] = set()
+
+
+def _unpriced_label(model: str) -> str:
+    if model in _unpriced:
+        return model
+    if len(_unpriced) >= MAX_UNPRICED_LABELS:
+        return "other"
+    _unpriced.add(model)
+    return model
 
 
 def _loop_deadline(deadline_s: float, clock: Callable[[], float]) -> float:

@@ -135,10 +135,16 @@ async def test_probe_endpoints_report_readiness_and_metrics(prefix, topics_for) 
     port = free_port()
     settings = make_settings(prefix, partitions=2, metrics_port=port)
     await topics_for(settings)
-    async with running_worker(settings), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+    async with (
+        running_worker(settings) as runtime,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
+    ):
         ready = await http.get("/ready")
         live = await http.get("/live")
         metrics = await http.get("/metrics")
+        runtime.loop.assigned.clear()  # as before it joined the group: not ready, whatever Redis says
+        not_yet = await http.get("/ready")
+    assert not_yet.status_code == 503 and not_yet.json()["status"] == "starting"
     assert ready.status_code == 200
     report = ready.json()
     assert report["status"] == "healthy"

@@ -64,3 +64,11 @@ def test_misuse_is_refused_where_it_happens_not_when_metrics_are_served() -> Non
         metrics.labelled(c)  # a labelled metric without its label values
     with pytest.raises(ValueError):
         metrics.labelled(c, "x").inc(-1)
+
+
+def test_models_named_by_requests_do_not_grow_the_unpriced_metric_without_bound() -> None:
+    from worker import orchestrate
+
+    labels = {orchestrate._unpriced_label(f"made-up-{i}") for i in range(3 * orchestrate.MAX_UNPRICED_LABELS)}
+    assert len(labels) <= orchestrate.MAX_UNPRICED_LABELS + 1 and "other" in labels
+    assert orchestrate._unpriced_label("made-up-0") in ("made-up-0", "other")  # a model keeps its label
