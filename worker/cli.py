@@ -14,7 +14,7 @@ from typing import Any
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from contracts import EventEnvelope, LLMComparisonRequestV1
 from worker.settings import KafkaSettings
@@ -58,16 +58,24 @@ async def create_topics(kafka: KafkaSettings) -> None:
                 kafka.request_topic_partitions
                 if name == topics.comparison_request
                 else kafka.topic_partitions,
-                1,
+                kafka.topic_replication_factor,
             )
             for name in topics.all()
             if name not in existing
         ]
         if wanted:
             try:
-                await admin.create_topics(wanted)
+                response = await admin.create_topics(wanted)
             except TopicAlreadyExistsError:
                 pass
+            else:  # errors come per topic, not raised: a refused topic would only show as never led
+                refused = [
+                    f"{t[0]}: {t[2] if len(t) > 2 and t[2] else for_code(t[1]).__name__}"
+                    for t in response.topic_errors
+                    if t[1] not in (0, TopicAlreadyExistsError.errno)
+                ]
+                if refused:
+                    raise RuntimeError(f"topics not created: {'; '.join(refused)}")
         if wanted:
             await _until_led(admin, {t.name: t.num_partitions for t in wanted})
         for name in topics.all():

@@ -22,6 +22,9 @@ class KafkaSettings(BaseSettings):
     consumer_group: str = "llm_provider_service"
     request_topic_partitions: int = Field(default=12, ge=1)
     topic_partitions: int = Field(default=6, ge=1, description="Partitions of the other topics.")
+    topic_replication_factor: int = Field(
+        default=1, ge=1, description="Replication factor of the topics `topics create` makes."
+    )
     kafka_client_id: str = "llm-provider-worker"
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)

@@ -192,3 +192,17 @@ async def test_a_callback_topic_kafka_would_refuse_yields_a_validation_error_on_
     failed = next(r["data"] for r in results if r["data"]["request_id"] == "bad-cb")
     assert failed["error_detail"]["error_code"] == "VALIDATION_ERROR"
     assert failed["error_detail"]["details"]["fields"] == ["callback_topic"]
+
+
+async def test_topics_the_broker_refuses_to_create_fail_at_once_with_its_reason(prefix, infra) -> None:
+    import time
+
+    import pytest
+
+    from worker.cli import create_topics
+
+    settings = make_settings(prefix, topic_replication_factor=3)  # one broker here
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"topics not created: .*replication factor"):
+        await create_topics(settings.kafka)
+    assert time.monotonic() - started < 10  # not the 30 s wait for leaders of topics that never came
