@@ -200,6 +200,8 @@ class Runtime:
             await self._producer.stop()  # flushes anything still buffered
         if self.orchestrator is not None:
             await self.orchestrator.aclose()  # flushes queued limiter corrections, closes the providers
+        if self.cache is not None:
+            self.cache.close()
         if self.outcomes is not None:
             await self.outcomes.aclose()  # waits for emitted markers, closes its own connection
         if self._redis is not None:

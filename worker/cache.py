@@ -247,6 +247,10 @@ class RedisGuard:
         self._open_until = None
 
 
+# Leaders' stores waiting for the Redis breaker at most (each holds its answer's bytes).
+_STORES_LATER_MAX = 10_000
+
+
 class AnswerCache:
     def __init__(self, redis: Redis, settings: CacheSettings, prefix: str, guard: RedisGuard) -> None:
         self.redis = redis
@@ -262,6 +266,13 @@ class AnswerCache:
         self._lookup = redis.register_script(_LOOKUP)
         self._finish = redis.register_script(_FINISH)
         self._renew = redis.register_script(_RENEW)
+        #: Stores a leader could not make while the Redis breaker was open, tried again (see _store_later).
+        self._later: set[asyncio.Task[None]] = set()
+
+    def close(self) -> None:
+        """Stop the stores still to be tried again (their leases expire on their own)."""
+        for task in self._later:
+            task.cancel()
 
     def key_for(self, call: ComparisonCall) -> str:
         return make_cache_key(call, self.prefix)
@@ -402,8 +413,25 @@ class AnswerCache:
         args: list[bytes | str | int] = [raw, self.settings.cache_ttl_s, token]
         try:
             await self.guard.call("put", lambda: self._finish(keys=keys, args=args))
-        except RedisUnavailable:
-            pass  # the answer stays local; the lease expires on its own
+        except RedisUnavailable:  # the answer stays local for now
+            if lease_key is not None and len(self._later) < _STORES_LATER_MAX:
+                task = asyncio.create_task(self._store_later(keys, args))
+                self._later.add(task)
+                task.add_done_callback(self._later.discard)
+
+    async def _store_later(self, keys: list[str], args: list[bytes | str | int]) -> None:
+        """Any Redis error of this replica opens its breaker, Redis itself may be fine, and other replicas'
+        requests wait for this lease: store and release it as soon as the breaker lets a call through, until
+        the lease would have expired anyway."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.lease_ms / 1000
+        while loop.time() < until:
+            await asyncio.sleep(min(self.guard.retry_s, self.lease_ms / 1000) / 4)
+            try:
+                await self.guard.call("put", lambda: self._finish(keys=keys, args=args))
+                return
+            except RedisUnavailable:
+                continue
 
     async def _keep_lease(self, lease_key: str, token: str) -> None:
         while True:

@@ -212,3 +212,35 @@ async def test_a_refresh_never_gets_the_entry_it_was_asked_to_replace(prefix, cl
     await leader
     refreshed = await refresh
     assert (refreshed.shared or to_cached(refreshed.led)) == ANSWER
+
+
+async def test_a_leader_whose_breaker_opened_meanwhile_stores_and_releases_once_it_lets_calls_through(
+    prefix, clients
+) -> None:
+    """Any Redis error of a replica opens its breaker, though Redis may be fine: a leader finishing then
+    must not leave other replicas' requests waiting for its lease until it expires (30 s by default)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker.cache import RedisUnavailable
+
+    redis, key = clients(), f"{prefix}:k"
+    leader = replica(redis, prefix, cache_redis_retry_s=0.2)
+    provider = Provider()
+    flight = asyncio.create_task(leader.serve(key, provider.call, to_cached, None))
+    await asyncio.wait_for(provider.started.wait(), 5)
+    assert await redis.exists(f"{key}:lease") == 1
+
+    async def failing() -> None:
+        raise RedisConnectionError("a spend call timed out")
+
+    with pytest.raises(RedisUnavailable):
+        await leader.guard.call("spend", failing)  # the breaker opens
+    provider.release.set()
+    await flight
+    assert await redis.exists(key) == 0  # not stored: the breaker was open
+    follower = replica(clients(), prefix)
+    # it finds the lease and waits: for the stored answer, well before the lease's 30 s
+    shared = await asyncio.wait_for(follower.serve(key, provider.call, to_cached, None), 5)
+    assert (shared.shared, provider.calls) == (ANSWER, 1)
+    assert await redis.exists(f"{key}:lease") == 0
+    leader.close()
