@@ -105,8 +105,8 @@ def _as_uuid(value: Any) -> UUID | None:
 def _explain(
     raw: bytes | None, exc: ValidationError, header_correlation_id: str | None, default_topic: str
 ) -> Exception:
-    try:
-        doc = json.loads(raw or b"")
+    try:  # integers read as floats: past 4300 digits int() refuses them, and only ids are read here
+        doc = json.loads(raw or b"", parse_int=float)
     except (ValueError, RecursionError):
         return Unparseable("not JSON", _as_uuid(header_correlation_id))
     if not isinstance(doc, dict):
@@ -115,7 +115,7 @@ def _explain(
     envelope_errors = [e for e in exc.errors() if not e["loc"] or e["loc"][0] != "data"]
     data = doc.get("data")
     if envelope_errors or not isinstance(data, dict) or correlation_id is None:
-        fields = sorted({".".join(map(str, e["loc"])) for e in envelope_errors}) or ["data"]
+        fields = sorted({".".join(map(str, e["loc"])) or e["type"] for e in envelope_errors}) or ["data"]
         return Unparseable(f"not an envelope: invalid {', '.join(fields)}", correlation_id)
     fields = sorted({".".join(map(str, e["loc"][1:])) for e in exc.errors()})
     request_id = data.get("request_id")

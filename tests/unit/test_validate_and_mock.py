@@ -115,6 +115,16 @@ def test_request_fields_echoed_in_results_are_bounded(field: str, value: object)
     assert caught.value.fields == [field]
 
 
+def test_an_integer_too_long_for_python_keeps_the_requests_correlation_id() -> None:
+    cid, request_id = uuid.uuid4(), "r-long-int"
+    data = f'"request_id": "{request_id}", "user_prompt": "Essay A or B?", "metadata": {{"n": {"9" * 5000}}}'
+    raw = f'{{"correlation_id": "{cid}", "data": {{{data}}}}}'.encode()
+    with pytest.raises(Unparseable) as caught:  # JSON pydantic refuses: dead-lettered, with a failure event
+        decode_request(raw, None, DEFAULT_TOPIC)
+    assert caught.value.correlation_id == cid  # before: "not JSON" and no correlation id
+    assert str(caught.value) == "not an envelope: invalid json_invalid"
+
+
 def test_ordinary_metadata_is_kept() -> None:
     metadata = {"essay_a_id": "e1", "essay_b_id": "e2", "round": 3, "weights": [0.5, 1e9]}
     job = decode_request(_envelope(metadata=metadata), None, DEFAULT_TOPIC)
