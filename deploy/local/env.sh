@@ -16,7 +16,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     # Debian splits venv support out per version: the package of the chosen interpreter's version.
     version=$("$VENV_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     rm -rf "$VENV"  # a failed attempt leaves bin/python without pip
-    apt-get update -qq && apt-get install -y -qq "python$version-venv" >/dev/null && "$VENV_PYTHON" -m venv "$VENV"
+    as_root=; [ "$(id -u)" -eq 0 ] || as_root=sudo  # apt-get needs root
+    $as_root apt-get update -qq && $as_root apt-get install -y -qq "python$version-venv" >/dev/null \
+      && "$VENV_PYTHON" -m venv "$VENV"
   }
 fi
 stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"

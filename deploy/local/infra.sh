@@ -38,8 +38,9 @@ fetch_kafka() {
 }
 
 apt_install() {
-  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  local as_root=; [ "$(id -u)" -eq 0 ] || as_root=sudo  # apt-get needs root
+  if [ -z "${APT_UPDATED:-}" ]; then $as_root apt-get update -qq; APT_UPDATED=1; fi
+  $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 kafka_java() {
