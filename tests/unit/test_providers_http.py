@@ -229,6 +229,19 @@ def test_gemini_per_day_429_is_a_spent_quota() -> None:
     assert err.retryable is False
 
 
+def test_openrouter_402_for_spent_credits_is_a_spent_quota_not_a_provider_fault() -> None:
+    doc = {
+        "error": {
+            "code": 402,
+            "message": "Insufficient credits. Add more using https://openrouter.ai/credits",
+        }
+    }
+    err = classify_error("openrouter", 402, body(doc), {})
+    assert (
+        err.code is ErrorCode.RATE_LIMIT and err.retryable is False
+    )  # falls back; the breaker does not count it
+
+
 def test_openai_429_for_a_request_larger_than_the_whole_minute_quota_is_not_retried() -> None:
     doc = {
         "error": {

@@ -304,6 +304,8 @@ def _code_for(status: int, hints: str) -> tuple[ErrorCode, bool]:
         return ErrorCode.AUTHENTICATION_ERROR, False
     if status == 429:
         return ErrorCode.RATE_LIMIT, not any(h in hints for h in _QUOTA_SPENT_HINTS)
+    if status == 402:  # OpenRouter's credits spent: a spent quota (falls back), not an unhealthy provider
+        return ErrorCode.RATE_LIMIT, False
     if status == 408:
         return ErrorCode.TIMEOUT, True
     if status >= 500 or status == 409:
