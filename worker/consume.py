@@ -393,10 +393,11 @@ class _Listener(ConsumerRebalanceListener):
     def __init__(self, loop: ConsumeLoop) -> None:
         self.loop = loop
 
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+    # aiokafka passes sets.
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self.loop.on_revoked(revoked)
 
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self.loop.on_assigned(assigned)
 
 

@@ -175,7 +175,7 @@ _DLQ_HEADER_OVERHEAD = 16  # ["", ""], per header, as counted against the budget
 
 
 def make_dlq_record(
-    topic: str, raw: bytes | None, error: str, headers: list[tuple[str, bytes]], source: dict[str, Any]
+    topic: str, raw: bytes | None, error: str, headers: list[tuple[str, bytes | None]], source: dict[str, Any]
 ) -> Outgoing:
     """A DLQ record: the raw bytes base64 (their full length and SHA-256 alongside), the parse error, the
     original headers, where it came from; header keys and values and raw bytes together at most
