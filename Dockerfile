@@ -3,9 +3,10 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY deploy/local/constraints.txt ./
 COPY contracts ./contracts
 COPY worker ./worker
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir -c constraints.txt .
 USER nobody
 EXPOSE 9100
 CMD ["llm-worker", "run"]

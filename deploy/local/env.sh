@@ -21,10 +21,11 @@ if [ ! -x "$VENV/bin/python" ]; then
       && "$VENV_PYTHON" -m venv "$VENV"
   }
 fi
-stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+# Versions pinned by constraints.txt (reproducible runs; pyproject.toml keeps the ranges).
+stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/deploy/local/constraints.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  "$VENV/bin/pip" install -q -c "$ROOT/deploy/local/constraints.txt" -e "$ROOT[dev]"
   rm -f "$VENV"/.installed-*; touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -32,7 +32,9 @@ fetch_kafka() {
   command -v mvn >/dev/null || { log "installing maven"; apt_install maven; }
   log "fetching Kafka $KAFKA_VERSION from Maven Central into $KAFKA_CACHE"
   mkdir -p "$KAFKA_CACHE"
-  mvn -q -B -f "$HERE/pom.xml" dependency:copy-dependencies \
+  # -C: a jar whose checksum does not match the one Maven Central publishes with it fails the fetch (Maven
+  # only warns by default).
+  mvn -q -B -C -f "$HERE/pom.xml" dependency:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$KAFKA_CACHE/lib.tmp"
   rm -rf "$KAFKA_CACHE/lib" && mv "$KAFKA_CACHE/lib.tmp" "$KAFKA_CACHE/lib"
 }
