@@ -216,8 +216,14 @@ class Handler:
         request = job.request
         held = None
         if self.spend is not None and self.spend.has_budget(request.organization_id):
+            estimate = estimate_call_usd(self.orchestrator.prices, call)
+            if estimate is None:  # its cost would count 0: the budget would not hold for it
+                error = RequestRejected(
+                    ErrorCode.CONFIGURATION_ERROR,
+                    f"model {call.model!r} has no price, so the organization's budget cannot be enforced",
+                )
+                return CallOutcome(call, error=error), []
             try:
-                estimate = estimate_call_usd(self.orchestrator.prices, call)
                 held = await self.spend.check_budget(request.organization_id, estimate)
             except RequestRejected as exc:
                 return CallOutcome(call, error=exc), []

@@ -107,12 +107,12 @@ class BudgetHold:
     bucket: int  # where it is held: the call's real cost replaces it there
 
 
-def estimate_call_usd(prices: PriceTable, call: ComparisonCall) -> float:
+def estimate_call_usd(prices: PriceTable, call: ComparisonCall) -> float | None:
     """A lower-bound estimate of a call before it is made: prompt characters / 4 as input tokens, plus
-    max_tokens output when capped. Unknown model: 0."""
+    max_tokens output when capped. None for a model without a price (its cost cannot be known)."""
     price = prices.prices.get(call.model)
     if price is None:
-        return 0.0
+        return None
     chars = len(call.system_prompt) + len(call.user_prompt) + sum(len(b.content) for b in call.prompt_blocks)
     return (chars / 4 * price.input + (call.max_tokens or 0) * price.output) / 1_000_000
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from contracts import ErrorCode
+from contracts import ErrorCode, ProviderName
 from tests.conftest import REDIS_URL, request_envelope
 from worker.cache import RedisGuard
 from worker.errors import RequestRejected
@@ -167,6 +167,52 @@ async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await spend.check_budget("org1", 1.0) is not None  # given back
+
+
+async def test_an_organization_with_a_budget_cannot_call_a_model_without_a_price(tracker) -> None:
+    """Its cost would count 0, so the budget would not hold: refused before any call. Without a budget the
+    call goes."""
+    from contracts import TokenUsage
+    from worker.handle import Handler
+    from worker.orchestrate import Orchestrator
+    from worker.pricing import ModelPrice, PriceTable
+    from worker.providers.base import Answer, ComparisonCall
+    from worker.settings import KafkaSettings
+    from worker.validate import decode_request
+
+    class Recording:
+        name, default_model = "openai", "priced"
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        async def compare(self, call: Any) -> Answer:
+            self.calls.append(call.model)
+            return Answer("Essay A", "clearer", 3.0, call.model, TokenUsage(prompt_tokens=8, total_tokens=8))
+
+        async def aclose(self) -> None:
+            return None
+
+    provider = Recording()
+    prices = PriceTable({"priced": ModelPrice(input=1.0, output=1.0)})
+    orchestrator = Orchestrator({"openai": provider}, prices, ProviderName.OPENAI)  # type: ignore[dict-item]
+    topics = KafkaSettings().topics
+    handler = Handler(orchestrator, None, None, topics, "test", spend=tracker(org_budget_usd=10.0))  # type: ignore[arg-type]
+
+    def job(**fields: Any) -> Any:
+        env = request_envelope(**fields)
+        return decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
+
+    def call(model: str) -> ComparisonCall:
+        return ComparisonCall(provider="openai", model=model, system_prompt="s", user_prompt="u")
+
+    refused, _ = await handler._call(job(organization_id="org1"), call("unpriced"), None)
+    assert refused.error is not None and refused.error.code is ErrorCode.CONFIGURATION_ERROR
+    assert "'unpriced' has no price" in refused.error.message and provider.calls == []
+    priced, _ = await handler._call(job(organization_id="org1"), call("priced"), None)
+    assert priced.answer is not None and provider.calls == ["priced"]
+    no_budget, _ = await handler._call(job(), call("unpriced"), None)  # no organization: no budget
+    assert no_budget.answer is not None and provider.calls == ["priced", "unpriced"]
 
 
 async def test_budget_is_per_organization(tracker) -> None:

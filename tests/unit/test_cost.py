@@ -78,9 +78,9 @@ def test_budget_estimate_counts_prompt_characters_and_the_output_cap() -> None:
     assert estimate_call_usd(PRICES, call) == pytest.approx(0.0016)
 
 
-def test_budget_estimate_of_an_unknown_model_is_zero() -> None:
+def test_a_model_without_a_price_has_no_budget_estimate() -> None:
     call = ComparisonCall(provider="openai", model="no-such-model", system_prompt="s", user_prompt="u")
-    assert estimate_call_usd(PRICES, call) == 0.0
+    assert estimate_call_usd(PRICES, call) is None
 
 
 def test_the_common_case_costs_what_the_full_formula_gives() -> None:
