@@ -140,6 +140,8 @@ class Runtime:
         prefix = s.redis.redis_key_prefix
         self.redis_guard = RedisGuard(s.cache.cache_redis_retry_s)
         self.cache = AnswerCache(self._redis, s.cache, prefix, self.redis_guard)
+        if s.cache.cache_enabled:
+            self.cache.start()
         self.outcomes = OutcomeStore(self._redis, s.redis.redis_key_prefix, s.redis.idempotency_ttl_s)
         handler = Handler(
             orchestrator=orchestrator,

@@ -8,6 +8,7 @@ Layers: an in-process LRU bounded by entries and bytes (L1, and the only layer w
 front of Redis (shared by replicas, with a TTL). `RedisGuard` is a small breaker: after a Redis error the
 cache skips Redis for CACHE_REDIS_RETRY_S, then lets one call probe it; so an outage costs one timeout,
 not one per request, and recovery is automatic. Its status is the worker's readiness (healthy/degraded).
+A refreshed entry is announced on `<prefix>:cache:refreshed` (pub/sub): the other replicas drop it from L1.
 
 Single-flight: identical requests in flight at the same time cause one provider call.
 - Within a process a shared future per key: the first request leads, the others await its answer.
@@ -64,7 +65,10 @@ return {3}
 """
 # KEYS: cache key, lease key ('' when none). ARGV: answer ('' = nothing to store), ttl_s, token.
 _FINISH = """
-if ARGV[1] ~= '' then redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+if ARGV[1] ~= '' then
+  redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  if ARGV[4] ~= '' then redis.call('publish', ARGV[4], ARGV[5]) end
+end
 if KEYS[2] ~= '' and redis.call('get', KEYS[2]) == ARGV[3] then redis.call('del', KEYS[2]) end
 return 1
 """
@@ -176,6 +180,14 @@ class LocalLRU:
         while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
             self._remove(next(iter(self._items)), "capacity")
 
+    def drop(self, key: str) -> None:
+        if key in self._items:
+            self._remove(key, "replaced")
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
     def _remove(self, key: str, reason: str | None) -> None:
         _, size, _ = self._items.pop(key)
         self.bytes -= size
@@ -268,11 +280,40 @@ class AnswerCache:
         self._renew = redis.register_script(_RENEW)
         #: Stores a leader could not make while the Redis breaker was open, tried again (see _store_later).
         self._later: set[asyncio.Task[None]] = set()
+        #: A refreshed entry is announced here, so that the other replicas drop it from their local layer.
+        self.channel = f"{prefix}:cache:refreshed"
+        self._id = uuid.uuid4().hex
+        self._listener: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Listen for the entries other replicas refresh (from now until close())."""
+        self._listener = asyncio.create_task(self._listen())
 
     def close(self) -> None:
-        """Stop the stores still to be tried again (their leases expire on their own)."""
-        for task in self._later:
+        """Stop listening, and the stores still to be tried again (their leases expire on their own)."""
+        for task in [*self._later, *([self._listener] if self._listener else [])]:
             task.cancel()
+
+    async def _listen(self) -> None:
+        """Drop from the local layer each entry another replica refreshed. Whatever was refreshed while this
+        replica was not subscribed is unknown, so the local layer is emptied on each (re)subscription."""
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.local.clear()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        sender, _, key = bytes(message["data"]).decode().partition(" ")
+                        if sender != self._id:
+                            self.local.drop(key)
+            except (RedisError, OSError) as exc:
+                metrics.labelled(metrics.CACHE_ERRORS, "refreshed").inc()
+                log.warning("refresh announcements unavailable; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(self.guard.retry_s)
+            finally:
+                await pubsub.aclose()
 
     def key_for(self, call: ComparisonCall) -> str:
         return make_cache_key(call, self.prefix)
@@ -333,7 +374,7 @@ class AnswerCache:
             # than one after another behind ever new leaders.
             unshared += 1
             if unshared >= _SHARED_RETRIES + 1:
-                flight, _ = await self._call(key, None, uuid.uuid4().hex, compute, to_cached)
+                flight, _ = await self._call(key, None, uuid.uuid4().hex, compute, to_cached, not read)
                 return flight
         future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
         self._flights[flight_key] = future
@@ -374,7 +415,7 @@ class AnswerCache:
                 read = False
             if found[0] in (_LEASED, _LEASED_LOCALLY):
                 lease = lease_key if found[0] == _LEASED else None
-                return await self._call(key, lease, token, compute, to_cached)
+                return await self._call(key, lease, token, compute, to_cached, not asked_read)
             shared = await self._await_replica(key, lease_key, deadline_s, refresh=not asked_read)
             if shared is not None:
                 metrics.labelled(metrics.SINGLE_FLIGHT_JOINS, "replica").inc()
@@ -387,9 +428,11 @@ class AnswerCache:
         token: str,
         compute: Callable[[], Awaitable[T]],
         to_cached: Callable[[T], CachedAnswer | None],
+        refresh: bool,
     ) -> tuple[Flight[T], CachedAnswer | None]:
         """Lead: call, then store the answer and release the lease in one step. The lease is renewed
-        meanwhile, so a slow call keeps it; a dead process stops renewing and its lease expires."""
+        meanwhile, so a slow call keeps it; a dead process stops renewing and its lease expires. A refresh's
+        answer is announced in the same step (the other replicas drop the entry from their local layer)."""
         renewer = asyncio.create_task(self._keep_lease(lease_key, token)) if lease_key else None
         raw = b""
         try:
@@ -403,14 +446,17 @@ class AnswerCache:
             if renewer is not None:
                 renewer.cancel()
             if lease_key is not None or raw:
-                await self._store_and_release(key, lease_key, token, raw)
+                await self._store_and_release(key, lease_key, token, raw, refresh)
 
     async def _read_or_lease(self, key: str, lease_key: str, token: str, read: bool) -> list[Any]:
         return await self._lookup(keys=[key, lease_key], args=[token, self.lease_ms, int(read)])
 
-    async def _store_and_release(self, key: str, lease_key: str | None, token: str, raw: bytes) -> None:
+    async def _store_and_release(
+        self, key: str, lease_key: str | None, token: str, raw: bytes, refresh: bool = False
+    ) -> None:
         keys = [key, lease_key or ""]
-        args: list[bytes | str | int] = [raw, self.settings.cache_ttl_s, token]
+        announce = [self.channel, f"{self._id} {key}"] if refresh else ["", ""]
+        args: list[bytes | str | int] = [raw, self.settings.cache_ttl_s, token, *announce]
         try:
             await self.guard.call("put", lambda: self._finish(keys=keys, args=args))
         except RedisUnavailable:  # the answer stays local for now

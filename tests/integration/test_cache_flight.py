@@ -244,3 +244,38 @@ async def test_a_leader_whose_breaker_opened_meanwhile_stores_and_releases_once_
     assert (shared.shared, provider.calls) == (ANSWER, 1)
     assert await redis.exists(f"{key}:lease") == 0
     leader.close()
+
+
+async def test_a_refresh_on_one_replica_drops_the_entry_from_the_others_local_layer(prefix, clients) -> None:
+    old = CachedAnswer(Answer("Essay A", "first take", 2.0, "mock-1", TokenUsage(total_tokens=7)), 0.001)
+    key = f"{prefix}:k"
+    a, b = replica(clients(), prefix), replica(clients(), prefix)
+    a.start()
+    b.start()
+    try:
+        await asyncio.sleep(0.2)  # both subscribed
+        first = await a.serve(key, _value("first"), {"first": old, "second": ANSWER}.get, None)
+        assert first.shared is None and first.led == "first"
+        seen = await b.serve(key, _value("unused"), lambda v: None, None)
+        assert seen.shared == old and seen.layer == "redis"  # now in b's local layer too
+        refreshed = await a.serve(
+            key, _value("second"), {"first": old, "second": ANSWER}.get, None, read=False
+        )
+        assert refreshed.led == "second"
+        for _ in range(100):  # the announcement reaches b
+            if b.local.get(key) is None:
+                break
+            await asyncio.sleep(0.02)
+        again = await b.serve(key, _value("unused"), lambda v: None, None)
+        assert again.shared == ANSWER and again.layer == "redis"  # before: the old answer, from b's layer
+        assert a.local.get(key) == ANSWER  # the refreshing replica keeps its own new entry
+    finally:
+        a.close()
+        b.close()
+
+
+def _value(v: str) -> Callable[[], Any]:
+    async def compute() -> str:
+        return v
+
+    return compute
