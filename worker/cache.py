@@ -23,6 +23,7 @@ Bypass requests never reach this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -296,16 +297,20 @@ class AnswerCache:
 
     async def _listen(self) -> None:
         """Drop from the local layer each entry another replica refreshed. Whatever was refreshed while this
-        replica was not subscribed is unknown, so the local layer is emptied on each (re)subscription."""
+        replica was not subscribed is unknown, so the local layer is emptied on each (re)subscription: the
+        first, and each one redis-py makes when it reconnects (its confirmation comes as a message too)."""
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
-                self.local.clear()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        sender, _, key = bytes(message["data"]).decode().partition(" ")
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self.local.clear()
+                    elif message["type"] == "message":
+                        sender, _, key = bytes(message["data"]).decode(errors="replace").partition(" ")
                         if sender != self._id:
                             self.local.drop(key)
             except (RedisError, OSError) as exc:
@@ -313,7 +318,8 @@ class AnswerCache:
                 log.warning("refresh announcements unavailable; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(self.guard.retry_s)
             finally:
-                await pubsub.aclose()
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
 
     def key_for(self, call: ComparisonCall) -> str:
         return make_cache_key(call, self.prefix)

@@ -116,3 +116,37 @@ async def test_redis_outage_serves_from_the_local_layer_and_recovers(
         assert len(await client.keys(f"{prefix}:cache:*")) == 1
     finally:
         await client.aclose()
+
+
+async def test_a_replica_empties_its_local_layer_when_it_subscribes_again_after_an_outage(
+    prefix, redis_server
+) -> None:
+    """Refreshes announced while its subscription was down are unknown to it: its local entries may be
+    stale, so they go once Redis is back (and stay while Redis is down: the only layer then)."""
+    from contracts import TokenUsage
+    from worker.cache import AnswerCache, CachedAnswer, RedisGuard
+    from worker.providers.base import Answer
+    from worker.settings import CacheSettings
+
+    await redis_server.wait_ready()
+    client = Redis(port=redis_server.port, socket_timeout=0.5)
+    cache = AnswerCache(client, CacheSettings(cache_redis_retry_s=0.2), prefix, RedisGuard(0.2))
+    answer = CachedAnswer(Answer("Essay A", "clearer", 3.0, "mock-1", TokenUsage(total_tokens=5)), 0.0)
+    cache.start()
+    try:
+        await asyncio.sleep(0.3)  # subscribed
+        cache.local.put("k", answer, 10)
+        redis_server.stop()
+        await asyncio.sleep(0.6)  # the subscription is lost; tries to subscribe again fail
+        assert cache.local.get("k") == answer
+        redis_server.start()
+        await redis_server.wait_ready()
+        for _ in range(100):
+            if cache.local.get("k") is None:
+                break
+            await asyncio.sleep(0.05)
+        assert cache.local.get("k") is None
+    finally:
+        cache.close()
+        await asyncio.sleep(0)
+        await client.aclose()
