@@ -215,7 +215,9 @@ class Handler:
         """Budget check, the provider call, spend accounting: the outcome and any cost alerts it raised."""
         request = job.request
         held = None
-        if self.spend is not None and self.spend.has_budget(request.organization_id):
+        budgeted = self.spend is not None and self.spend.has_budget(request.organization_id)
+        if budgeted:
+            assert self.spend is not None
             estimate = estimate_call_usd(self.orchestrator.prices, call)
             if estimate is None:  # its cost would count 0: the budget would not hold for it
                 error = RequestRejected(
@@ -228,7 +230,9 @@ class Handler:
             except RequestRejected as exc:
                 return CallOutcome(call, error=exc), []
         try:
-            outcome = await self.orchestrator.run(call, deadline_s, allow_fallback=request.allow_fallback)
+            outcome = await self.orchestrator.run(
+                call, deadline_s, allow_fallback=request.allow_fallback, priced_only=budgeted
+            )
         except BaseException:  # cancelled (revocation, shutdown): the hold must not stay for the window
             if held is not None and self.spend is not None:
                 await self.spend.record(request.organization_id, 0.0, held)

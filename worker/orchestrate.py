@@ -200,11 +200,16 @@ class Orchestrator:
         return self.router.order(eligible)[0][0] if eligible else self.default_provider
 
     async def run(
-        self, call: ComparisonCall, deadline_s: float | None, allow_fallback: bool = False
+        self,
+        call: ComparisonCall,
+        deadline_s: float | None,
+        allow_fallback: bool = False,
+        priced_only: bool = False,
     ) -> CallOutcome:
-        """Answer the call, bounded by the deadline (a monotonic time). Never raises WorkerError."""
+        """Answer the call, bounded by the deadline (a monotonic time). Never raises WorkerError.
+        `priced_only`: no fallback to a model without a price (a budget could not count it)."""
         outcome = CallOutcome(call)
-        candidates = self._candidates(call, allow_fallback or self.fallback.always)
+        candidates = self._candidates(call, allow_fallback or self.fallback.always, priced_only)
         i = 0
         while i < len(candidates):
             if i:
@@ -259,7 +264,7 @@ class Orchestrator:
             await asyncio.gather(*pending, return_exceptions=True)
         return call, None, error, 2
 
-    def _candidates(self, call: ComparisonCall, fallback: bool) -> list[ComparisonCall]:
+    def _candidates(self, call: ComparisonCall, fallback: bool, priced_only: bool) -> list[ComparisonCall]:
         if not fallback:
             return [call]
         others = [
@@ -267,6 +272,8 @@ class Orchestrator:
             for p in dict.fromkeys(self.fallback.chain)
             if p != call.provider and p in self.providers
         ]
+        if priced_only:
+            others = [(p, m) for p, m in others if m in self.prices.prices]
         return [call] + [replace(call, provider=p, model=m) for p, m in self.router.order(others)]
 
     async def _run_provider(

@@ -210,3 +210,25 @@ async def test_capacity_granted_after_the_deadline_is_given_back_and_the_call_ex
     outcome = await orchestrator.run(CALL, time.now + 1)
     assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED
     assert p.calls == [] and LateLimiter.settled == [None]
+
+
+async def test_a_budgeted_call_falls_back_only_to_priced_models() -> None:
+    """A budget cannot count a model without a price: with priced_only the chain skips such providers."""
+    from worker.pricing import ModelPrice
+
+    time = FakeTime()
+    first, unpriced, priced = Scripted("p", E5XX), Scripted("u"), Scripted("q")
+    orch = Orchestrator(
+        {s.name: s for s in (first, unpriced, priced)},  # type: ignore[misc]
+        PriceTable({"p-model": ModelPrice(1.0, 1.0), "q-model": ModelPrice(1.0, 1.0)}),
+        ProviderName.MOCK,
+        retry=RetryPolicy(max_attempts=1),
+        fallback=FallbackPolicy(("u", "q")),
+        clock=time,
+        sleep=time.sleep,
+    )
+    budgeted = await orch.run(CALL, None, allow_fallback=True, priced_only=True)
+    assert budgeted.answered_by is not None and budgeted.answered_by.provider == "q"
+    assert unpriced.calls == []
+    unbudgeted = await orch.run(CALL, None, allow_fallback=True)
+    assert unbudgeted.answered_by is not None and unbudgeted.answered_by.provider == "u"
