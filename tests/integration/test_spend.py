@@ -149,7 +149,7 @@ async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
     class HangingOrchestrator:
         prices = None
 
-        async def run(self, call: Any, deadline_s: Any, allow_fallback: bool = False) -> Any:
+        async def run(self, call: Any, deadline_s: Any, allow_fallback: bool = False, **_: Any) -> Any:
             started.set()
             await asyncio.Event().wait()
 
