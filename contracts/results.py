@@ -135,6 +135,14 @@ class LLMCostTrackingV1(BaseModel):
     service_name: str = Field(description="Service that made the call.")
     request_timestamp: datetime = Field(description="When the call was made (UTC).")
     response_time_ms: int = Field(ge=0, description="Duration of the call.")
+    usage_estimated: bool = Field(
+        default=False,
+        description=(
+            "Tokens and cost are estimated from the prompt (input only): the call was cut off, by the"
+            " request's deadline or as the slower of a hedged pair, before the provider reported its usage,"
+            " and the provider may still bill it."
+        ),
+    )
 
 
 class LLMCostAlertV1(BaseModel):

@@ -505,6 +505,7 @@ def _cacheable(request_id: str, called: tuple[CallOutcome, list[Outgoing]]) -> C
             a.usage.model_dump() if a.usage else None,
             [a.cost.usd, a.cost.price_known] if a.cost else None,
             a.error_code.value if a.error_code else None,
+            a.estimated,
         ]
         for a in outcome.attempts
     )
@@ -513,7 +514,7 @@ def _cacheable(request_id: str, called: tuple[CallOutcome, list[Outgoing]]) -> C
 
 def _attempts(cached: CachedAnswer) -> list[Attempt]:
     out = []
-    for provider, model, started_at, duration_ms, usage, cost, code in cached.attempts:
+    for provider, model, started_at, duration_ms, usage, cost, code, *rest in cached.attempts:
         out.append(
             Attempt(
                 provider,
@@ -523,6 +524,7 @@ def _attempts(cached: CachedAnswer) -> list[Attempt]:
                 TokenUsage(**usage) if usage else None,
                 Cost(*cost) if cost else None,
                 ErrorCode(code) if code else None,
+                estimated=bool(rest and rest[0]),  # entries stored before the flag have seven fields
             )
         )
     return out
@@ -576,6 +578,7 @@ def _cost_tracking(
         "service_name": service,
         "request_timestamp": _dumpable(attempt.started_at),
         "response_time_ms": attempt.duration_ms,
+        "usage_estimated": attempt.estimated,
     }
 
 
@@ -592,4 +595,7 @@ def _dumpable(at: datetime) -> datetime | str:
 
 
 def _last_usage(outcome: CallOutcome) -> TokenUsage:
-    return next((a.usage for a in reversed(outcome.attempts) if a.usage is not None), TokenUsage())
+    """The last usage a provider reported (an estimate of a cut-off call is not one)."""
+    return next(
+        (a.usage for a in reversed(outcome.attempts) if a.usage is not None and not a.estimated), TokenUsage()
+    )

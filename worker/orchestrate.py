@@ -52,8 +52,10 @@ class Attempt:
     usage: TokenUsage | None
     cost: Cost | None
     error_code: ErrorCode | None = None
-    #: Cut off before it ended (a hedge's loser, or shutdown); usage unknown.
+    #: Cut off before it ended (a hedge's loser, or shutdown).
     cancelled: bool = False
+    #: Usage and cost estimated from the prompt: cut off before the provider reported them (see _cut_usage).
+    estimated: bool = False
 
 
 @dataclass(slots=True)
@@ -406,10 +408,11 @@ class Orchestrator:
                 breaker.release()
                 if grant is not None and self.limiter is not None:
                     self.limiter.release_slots(grant)
+                estimate = _cut_usage(call)
+                cost = self._cost(call.model, estimate)
+                ms = int(duration_s * 1000)
                 outcome.attempts.append(
-                    Attempt(
-                        call.provider, call.model, started_at, int(duration_s * 1000), None, None, None, True
-                    )
+                    Attempt(call.provider, call.model, started_at, ms, estimate, cost, None, True, True)
                 )
         usage = answer.usage if answer else _billed_usage(error)
         if grant is not None and self.limiter is not None:
@@ -424,7 +427,10 @@ class Orchestrator:
         else:
             breaker.record(error.code if error else None)
             self.router.observe_latency(call.provider, duration_s)
-        self._account(call, answer, error, usage, started_at, duration_s, outcome)
+        estimated = cut and usage is None
+        if estimated:  # the provider had the prompt, and may bill it
+            usage = _cut_usage(call)
+        self._account(call, answer, error, usage, started_at, duration_s, outcome, estimated)
         if error is not None:
             raise error
         assert answer is not None
@@ -439,6 +445,7 @@ class Orchestrator:
         started_at: datetime,
         duration_s: float,
         outcome: CallOutcome,
+        estimated: bool = False,
     ) -> None:
         latency, calls_ok, calls_error, attempts = _call_metrics(call.provider)
         latency.observe(duration_s)
@@ -460,6 +467,7 @@ class Orchestrator:
                 usage,
                 cost,
                 error.code if error else None,
+                estimated=estimated,
             )
         )
 
@@ -492,6 +500,14 @@ def _call_metrics(provider: str) -> tuple[HistogramTally, Tally, Tally, Tally]:
 
 def _exception(rs: RetryCallState) -> BaseException | None:
     return rs.outcome.exception() if rs.outcome is not None and rs.outcome.failed else None
+
+
+def _cut_usage(call: ComparisonCall) -> TokenUsage:
+    """A call cut off before the provider answered: its prompt as input tokens (characters / 4), no output.
+    A lower bound of what the provider may bill, which it does not report to a caller that left."""
+    chars = len(call.system_prompt) + len(call.user_prompt) + sum(len(b.content) for b in call.prompt_blocks)
+    tokens = chars // 4 + 1
+    return TokenUsage(prompt_tokens=tokens, total_tokens=tokens)
 
 
 def _billed_usage(error: WorkerError | None) -> TokenUsage | None:

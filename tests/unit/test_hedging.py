@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from contracts import ProviderName
+from contracts import ProviderName, TokenUsage
 from tests.unit.fakes import Scripted
 from worker.orchestrate import FallbackPolicy, Orchestrator
 from worker.pricing import PriceTable
@@ -36,7 +36,11 @@ async def test_slow_call_is_hedged_and_the_first_answer_wins() -> None:
     assert outcome.answered_by is not None and outcome.answered_by.provider == "q"
     assert outcome.error is None
     by_provider = {a.provider: a for a in outcome.attempts}
-    assert by_provider["p"].cancelled and by_provider["p"].usage is None
+    # The loser had the prompt and may be billed: its input is estimated (2 characters: 1 token), and
+    # tracked as an estimate.
+    loser = by_provider["p"]
+    assert loser.cancelled and loser.estimated and loser.cost is not None
+    assert loser.usage == TokenUsage(prompt_tokens=1, total_tokens=1)
     assert not by_provider["q"].cancelled and by_provider["q"].usage is not None
 
 
@@ -87,3 +91,23 @@ async def test_cancelling_a_request_before_its_hedge_cancels_the_provider_call()
         await task
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert q.calls == []
+
+
+async def test_a_call_cut_by_the_deadline_is_tracked_at_its_estimated_input() -> None:
+    """Cut off by our deadline: the provider had the prompt and may bill it, but reports nothing to a caller
+    that left. The attempt carries the prompt's estimate (and its cost), marked as estimated."""
+    import time
+
+    from worker.pricing import ModelPrice
+
+    call = ComparisonCall(provider="p", model="p-model", system_prompt="s" * 400, user_prompt="u" * 3_600)
+    orchestrator = Orchestrator(
+        {"p": Scripted("p", delay_s=5.0)},  # type: ignore[dict-item]
+        PriceTable({"p-model": ModelPrice(input=2.0, output=8.0)}),
+        ProviderName.MOCK,
+    )
+    outcome = await orchestrator.run(call, time.monotonic() + 0.05)
+    assert outcome.error is not None and outcome.error.code.value == "EXPIRED"
+    [attempt] = outcome.attempts
+    assert attempt.estimated and attempt.usage == TokenUsage(prompt_tokens=1001, total_tokens=1001)
+    assert attempt.cost is not None and attempt.cost.usd == pytest.approx(1001 * 2.0 / 1_000_000)

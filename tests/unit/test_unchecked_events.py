@@ -92,10 +92,11 @@ def test_answered_result_is_byte_equal_to_the_validated_model(
 @pytest.mark.parametrize(
     "started_at", [datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC), datetime(2026, 3, 4, 5, 6, 7, 89, tzinfo=UTC)]
 )
+@pytest.mark.parametrize("estimated", [False, True])
 def test_cost_tracking_is_byte_equal_to_the_validated_model(
-    job: Job, cost: Cost, started_at: datetime
+    job: Job, cost: Cost, started_at: datetime, estimated: bool
 ) -> None:
-    attempt = Attempt("anthropic", "claude-haiku-4-5", started_at, 842, USAGE, cost)
+    attempt = Attempt("anthropic", "claude-haiku-4-5", started_at, 842, USAGE, cost, estimated=estimated)
     cid = str(job.correlation_id)
     fields = handle._cost_tracking(job, cid, attempt, USAGE, cost, "llm_provider_service")
     unchecked = make_unchecked_event(
@@ -113,6 +114,7 @@ def test_cost_tracking_is_byte_equal_to_the_validated_model(
         service_name="llm_provider_service",
         request_timestamp=started_at,
         response_time_ms=842,
+        usage_estimated=estimated,
     )
     assert _data(unchecked) == model.model_dump_json().encode()
     assert list(fields) == list(LLMCostTrackingV1.model_fields)
@@ -142,3 +144,27 @@ def test_unchecked_and_validated_envelopes_differ_only_in_event_id_and_timestamp
     for envelope in (checked, unchecked):
         del envelope["event_id"], envelope["event_timestamp"]
     assert checked == unchecked
+
+
+def test_a_call_cut_off_by_the_deadline_gets_an_estimated_cost_event_and_no_reported_usage() -> None:
+    """The cost event carries the estimate, marked; the failure result's token_usage stays what a provider
+    reported (nothing), while its cost_estimate counts what the call may be billed."""
+    from contracts import ErrorCode
+    from worker.errors import RequestRejected
+    from worker.orchestrate import CallOutcome
+    from worker.providers.base import ComparisonCall
+    from worker.settings import KafkaSettings
+
+    job = JOBS[0]
+    call = ComparisonCall(provider="openai", model="gpt-4.1", system_prompt="s", user_prompt="u")
+    estimate = TokenUsage(prompt_tokens=100, total_tokens=100)
+    cut = Attempt("openai", "gpt-4.1", datetime(2026, 3, 4, tzinfo=UTC), 50, estimate, Cost(2e-4, True), None)
+    cut.error_code, cut.estimated = ErrorCode.EXPIRED, True
+    error = RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for the provider")
+    handler = handle.Handler(None, None, None, KafkaSettings().topics, "svc")  # type: ignore[arg-type]
+    events = handler._events(job, CallOutcome(call, error=error, attempts=[cut]), 50, "miss")
+    by_kind = {e.kind: json.loads(e.value)["data"] for e in events}
+    assert by_kind["cost"]["usage_estimated"] is True
+    assert by_kind["cost"]["token_usage"]["prompt_tokens"] == 100
+    assert by_kind["result"]["token_usage"]["total_tokens"] == 0
+    assert by_kind["result"]["cost_estimate"] == 2e-4
