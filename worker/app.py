@@ -203,7 +203,7 @@ class Runtime:
         if self.orchestrator is not None:
             await self.orchestrator.aclose()  # flushes queued limiter corrections, closes the providers
         if self.cache is not None:
-            self.cache.close()
+            await self.cache.aclose()
         if self.outcomes is not None:
             await self.outcomes.aclose()  # waits for emitted markers, closes its own connection
         if self._redis is not None:

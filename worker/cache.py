@@ -36,6 +36,7 @@ from functools import partial
 from typing import Any, Generic, Literal, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from contracts import CachePolicy, TokenUsage
@@ -66,11 +67,9 @@ return {3}
 """
 # KEYS: cache key, lease key ('' when none). ARGV: answer ('' = nothing to store), ttl_s, token.
 _FINISH = """
-if ARGV[1] ~= '' then
-  redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  if ARGV[4] ~= '' then redis.call('publish', ARGV[4], ARGV[5]) end
-end
+if ARGV[1] ~= '' then redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 if KEYS[2] ~= '' and redis.call('get', KEYS[2]) == ARGV[3] then redis.call('del', KEYS[2]) end
+if ARGV[1] ~= '' and ARGV[4] ~= '' then redis.pcall('publish', ARGV[4], ARGV[5]) end
 return 1
 """
 _RENEW = """
@@ -260,6 +259,8 @@ class RedisGuard:
         self._open_until = None
 
 
+# The refresh subscription asks Redis for a pong after this long without a message.
+_LISTEN_PING_S = 5.0
 # Leaders' stores waiting for the Redis breaker at most (each holds its answer's bytes).
 _STORES_LATER_MAX = 10_000
 
@@ -285,37 +286,61 @@ class AnswerCache:
         self.channel = f"{prefix}:cache:refreshed"
         self._id = uuid.uuid4().hex
         self._listener: asyncio.Task[None] | None = None
+        #: Moves on with every refresh seen (announced by another replica, stored here, or unknown while
+        #: unsubscribed). An entry read from Redis before it moved may be the replaced one: it is answered
+        #: but not kept in the local layer.
+        self._epoch = 0
 
     def start(self) -> None:
-        """Listen for the entries other replicas refresh (from now until close())."""
+        """Listen for the entries other replicas refresh (from now until aclose())."""
         self._listener = asyncio.create_task(self._listen())
 
-    def close(self) -> None:
-        """Stop listening, and the stores still to be tried again (their leases expire on their own)."""
-        for task in [*self._later, *([self._listener] if self._listener else [])]:
+    async def aclose(self) -> None:
+        """Stop listening (its connection back to the pool), and the stores still to be tried again (their
+        leases expire on their own)."""
+        tasks = [*self._later, *([self._listener] if self._listener else [])]
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _listen(self) -> None:
         """Drop from the local layer each entry another replica refreshed. Whatever was refreshed while this
         replica was not subscribed is unknown, so the local layer is emptied on each (re)subscription: the
         first, and each one redis-py makes when it reconnects (its confirmation comes as a message too)."""
+        loop = asyncio.get_running_loop()
         while True:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                heard = loop.time()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
+                    now = loop.time()
                     if message is None:
+                        # A connection cut without a reset (a failover, a partition) stays silent: ask
+                        # for a pong when idle, and take the silence past three asks for a lost one.
+                        if now - heard > 3 * _LISTEN_PING_S:
+                            raise RedisConnectionError("no pong from Redis on the refresh subscription")
+                        if now - heard > _LISTEN_PING_S:
+                            await pubsub.ping()
                         continue
+                    heard = now
                     if message["type"] == "subscribe":
+                        self._epoch += 1
                         self.local.clear()
                     elif message["type"] == "message":
                         sender, _, key = bytes(message["data"]).decode(errors="replace").partition(" ")
                         if sender != self._id:
+                            self._epoch += 1
                             self.local.drop(key)
             except (RedisError, OSError) as exc:
                 metrics.labelled(metrics.CACHE_ERRORS, "refreshed").inc()
                 log.warning("refresh announcements unavailable; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(self.guard.retry_s)
+            except Exception:  # a bug: keep listening, or every later refresh would be missed
+                metrics.labelled(metrics.CACHE_ERRORS, "refreshed").inc()
+                log.exception("refresh announcements failed; retrying")
                 await asyncio.sleep(self.guard.retry_s)
             finally:
                 with contextlib.suppress(RedisError, OSError):
@@ -336,7 +361,7 @@ class AnswerCache:
         except RedisUnavailable:
             pass
 
-    def _decode(self, key: str, raw: bytes | str | None) -> CachedAnswer | None:
+    def _decode(self, key: str, raw: bytes | str | None, epoch: int | None = None) -> CachedAnswer | None:
         if raw is None:
             return None
         try:
@@ -345,7 +370,8 @@ class AnswerCache:
             metrics.labelled(metrics.CACHE_ERRORS, "decode").inc()
             log.warning("unreadable cache entry ignored", extra={"error": str(exc)})
             return None
-        self.local.put(key, value, len(raw))
+        if epoch is None or epoch == self._epoch:  # else a refresh came meanwhile: maybe this very entry
+            self.local.put(key, value, len(raw))
         return value
 
     # ---- single-flight ---------------------------------------------------------------------------------
@@ -403,6 +429,7 @@ class AnswerCache:
     ) -> tuple[Flight[T], CachedAnswer | None]:
         lease_key, token, asked_read = f"{key}:lease", uuid.uuid4().hex, read
         while True:
+            epoch = self._epoch
             try:
                 found = await self.guard.call(
                     "lookup", partial(self._read_or_lease, key, lease_key, token, read)
@@ -410,7 +437,7 @@ class AnswerCache:
             except RedisUnavailable:
                 found = [_LEASED_LOCALLY]
             if found[0] == _FOUND:
-                value = self._decode(key, found[1])
+                value = self._decode(key, found[1], epoch)
                 if value is not None:
                     metrics.labelled(metrics.CACHE_HITS, "redis").inc()
                     return Flight(shared=value, layer="redis"), value
@@ -462,6 +489,8 @@ class AnswerCache:
     ) -> None:
         keys = [key, lease_key or ""]
         announce = [self.channel, f"{self._id} {key}"] if refresh else ["", ""]
+        if refresh:
+            self._epoch += 1
         args: list[bytes | str | int] = [raw, self.settings.cache_ttl_s, token, *announce]
         try:
             await self.guard.call("put", lambda: self._finish(keys=keys, args=args))
@@ -514,13 +543,14 @@ class AnswerCache:
                 raise TimeoutError("deadline passed while waiting for an identical request")
             await asyncio.sleep(delay_s if remaining is None else min(delay_s, remaining))
             delay_s = min(delay_s * 2, self.poll_max_s)
+            epoch = self._epoch
             try:
                 raw, held = await self.guard.call("wait", lambda: self._peek(key, lease_key))
             except RedisUnavailable:
                 return None  # lead locally
             if raw is not None and raw == stale:
                 raw = None
-            value = self._decode(key, raw)
+            value = self._decode(key, raw, epoch)
             if value is not None:
                 return value
             if not held:

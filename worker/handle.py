@@ -152,7 +152,8 @@ class Handler:
     async def process(self, job: Job) -> list[Outgoing]:
         t0 = time.perf_counter()
         request = job.request
-        call = self.orchestrator.resolve(request)
+        budgeted = self.spend is not None and self.spend.has_budget(request.organization_id)
+        call = self.orchestrator.resolve(request, priced_only=budgeted)
         deadline_s = _deadline_monotonic(job)
         if deadline_s is not None and deadline_s <= time.monotonic():
             outcome = CallOutcome(
@@ -495,7 +496,10 @@ def _cacheable(request_id: str, called: tuple[CallOutcome, list[Outgoing]]) -> C
     by, call = outcome.answered_by, outcome.call
     if outcome.answer is None or (by is not None and (by.provider, by.model) != (call.provider, call.model)):
         return None
-    cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
+    # What the answer cost, and the calls that reported their usage: not a hedge's cut-off loser, whose
+    # estimate is no saving for a hit (and an entry in the seven-field format every version reads).
+    billed = [a for a in outcome.attempts if not a.estimated]
+    cost_usd = sum(a.cost.usd for a in billed if a.cost)
     attempts = tuple(
         [
             a.provider,
@@ -505,16 +509,15 @@ def _cacheable(request_id: str, called: tuple[CallOutcome, list[Outgoing]]) -> C
             a.usage.model_dump() if a.usage else None,
             [a.cost.usd, a.cost.price_known] if a.cost else None,
             a.error_code.value if a.error_code else None,
-            a.estimated,
         ]
-        for a in outcome.attempts
+        for a in billed
     )
     return CachedAnswer(outcome.answer, cost_usd, request_id, attempts)
 
 
 def _attempts(cached: CachedAnswer) -> list[Attempt]:
     out = []
-    for provider, model, started_at, duration_ms, usage, cost, code, *rest in cached.attempts:
+    for provider, model, started_at, duration_ms, usage, cost, code in cached.attempts:
         out.append(
             Attempt(
                 provider,
@@ -524,7 +527,6 @@ def _attempts(cached: CachedAnswer) -> list[Attempt]:
                 TokenUsage(**usage) if usage else None,
                 Cost(*cost) if cost else None,
                 ErrorCode(code) if code else None,
-                estimated=bool(rest and rest[0]),  # entries stored before the flag have seven fields
             )
         )
     return out

@@ -167,8 +167,9 @@ class Orchestrator:
             fallback=FallbackPolicy(r.chain, r.fallback_enabled, r.hedge_enabled),
         )
 
-    def resolve(self, request: LLMComparisonRequestV1) -> ComparisonCall:
-        """Pick provider and model, and fix every input that changes the answer."""
+    def resolve(self, request: LLMComparisonRequestV1, priced_only: bool = False) -> ComparisonCall:
+        """Pick provider and model, and fix every input that changes the answer. `priced_only`: routing
+        passes over providers whose default model has no price (a budget could not count it)."""
         o = request.llm_config_overrides
         model_override = o.model_override if o else None
         if o and o.provider_override:
@@ -176,7 +177,7 @@ class Orchestrator:
         elif model_override and (by_model := provider_for_model(model_override)):
             provider_name = by_model
         else:
-            provider_name = self._pick_default()
+            provider_name = self._pick_default(priced_only)
         provider = self.providers.get(provider_name)
         model = model_override or (provider.default_model if provider else "")
         system = [b.content for b in request.prompt_blocks or () if b.target == "system"]
@@ -194,11 +195,13 @@ class Orchestrator:
             output_verbosity=o.output_verbosity if o else None,
         )
 
-    def _pick_default(self) -> str:
+    def _pick_default(self, priced_only: bool = False) -> str:
         if not self.fallback.chain:  # the only candidate, configured or not
             return self.default_provider
         names = dict.fromkeys((self.default_provider, *self.fallback.chain))
         eligible = [(p, self.providers[p].default_model) for p in names if p in self.providers]
+        if priced_only:  # when none is priced, the budget check refuses whichever is picked
+            eligible = [(p, m) for p, m in eligible if m in self.prices.prices] or eligible
         return self.router.order(eligible)[0][0] if eligible else self.default_provider
 
     async def run(

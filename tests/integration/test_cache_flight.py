@@ -243,7 +243,7 @@ async def test_a_leader_whose_breaker_opened_meanwhile_stores_and_releases_once_
     shared = await asyncio.wait_for(follower.serve(key, provider.call, to_cached, None), 5)
     assert (shared.shared, provider.calls) == (ANSWER, 1)
     assert await redis.exists(f"{key}:lease") == 0
-    leader.close()
+    await leader.aclose()
 
 
 async def test_a_refresh_on_one_replica_drops_the_entry_from_the_others_local_layer(prefix, clients) -> None:
@@ -270,8 +270,8 @@ async def test_a_refresh_on_one_replica_drops_the_entry_from_the_others_local_la
         assert again.shared == ANSWER and again.layer == "redis"  # before: the old answer, from b's layer
         assert a.local.get(key) == ANSWER  # the refreshing replica keeps its own new entry
     finally:
-        a.close()
-        b.close()
+        await a.aclose()
+        await b.aclose()
 
 
 def _value(v: str) -> Callable[[], Any]:
@@ -279,3 +279,36 @@ def _value(v: str) -> Callable[[], Any]:
         return v
 
     return compute
+
+
+async def test_an_entry_read_while_a_refresh_was_announced_is_answered_but_not_kept_locally(
+    prefix, clients
+) -> None:
+    """The read may have left Redis before the refresh's store: the entry it got may be the replaced one."""
+    cache = replica(clients(), prefix)
+    raw = ANSWER.to_bytes()
+    before = cache._epoch
+    cache._epoch += 1  # a refresh heard while the read was on its way
+    assert cache._decode(f"{prefix}:k", raw, before) == ANSWER
+    assert cache.local.get(f"{prefix}:k") is None
+    assert cache._decode(f"{prefix}:k", raw, cache._epoch) == ANSWER
+    assert cache.local.get(f"{prefix}:k") == ANSWER
+
+
+async def test_a_refresh_whose_announcement_redis_refuses_still_stores_and_releases(prefix, clients) -> None:
+    """A Redis user without channel rights (ACL resetchannels): the entry is stored and the lease released
+    all the same; only the announcement is lost."""
+    admin = clients()
+    user, password = f"{prefix}-nopub", "pw-nopub"
+    await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all", "resetchannels")
+    try:
+        cache = replica(Redis.from_url(REDIS_URL, username=user, password=password), prefix)
+        key = f"{prefix}:k"
+        flight = await cache.serve(key, _value("v"), lambda v: ANSWER, None, read=False)
+        assert flight.led == "v"
+        assert await admin.get(key) == ANSWER.to_bytes()
+        assert await admin.exists(f"{key}:lease") == 0
+        assert cache.guard.status == "healthy"
+        await cache.redis.aclose()
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)

@@ -147,6 +147,5 @@ async def test_a_replica_empties_its_local_layer_when_it_subscribes_again_after_
             await asyncio.sleep(0.05)
         assert cache.local.get("k") is None
     finally:
-        cache.close()
-        await asyncio.sleep(0)
+        await cache.aclose()
         await client.aclose()

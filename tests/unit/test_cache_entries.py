@@ -55,3 +55,15 @@ def test_a_stored_answer_that_would_not_pass_parse_answer_is_unreadable() -> Non
         bad[field] = value
         with pytest.raises(ValueError):
             CachedAnswer.from_bytes(json.dumps(bad).encode())
+
+
+def test_a_hedges_cut_off_loser_is_no_part_of_the_cached_cost_or_attempts() -> None:
+    """Its estimate is no saving for a later hit, and the entry keeps the format every version reads."""
+    loser = Attempt(
+        "anthropic", "claude-haiku-4-5", utc_now(), 400, USAGE, Cost(0.0005, True), None, True, True
+    )
+    outcome = CallOutcome(CALL, ANSWER, attempts=[attempt(0.002), loser])
+    cached = _cacheable("req-1", (outcome, []))
+    assert cached is not None and cached.cost_usd == 0.002
+    assert all(len(a) == 7 for a in cached.attempts)
+    assert _attempts(CachedAnswer.from_bytes(cached.to_bytes())) == outcome.attempts[:1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contracts import ErrorCode, ProviderName
+from contracts import ErrorCode, LLMComparisonRequestV1, ProviderName
 from tests.unit.fakes import OK, FakeTime, Scripted, err
 from worker import metrics
 from worker.errors import ProviderError
@@ -232,3 +232,20 @@ async def test_a_budgeted_call_falls_back_only_to_priced_models() -> None:
     assert unpriced.calls == []
     unbudgeted = await orch.run(CALL, None, allow_fallback=True)
     assert unbudgeted.answered_by is not None and unbudgeted.answered_by.provider == "u"
+
+
+def test_a_budgeted_request_is_routed_only_to_priced_default_models() -> None:
+    from worker.pricing import ModelPrice
+    from worker.routing import Router, Strategy
+
+    prices = PriceTable({"q-model": ModelPrice(1.0, 1.0)})
+    orch = Orchestrator(
+        {s.name: s for s in (Scripted("u"), Scripted("q"))},  # type: ignore[misc]
+        prices,
+        ProviderName.MOCK,
+        router=Router(Strategy.ROUND_ROBIN, prices),
+        fallback=FallbackPolicy(("u", "q")),
+    )
+    request = LLMComparisonRequestV1(request_id="r", user_prompt="Essay A: x. Essay B: y.")
+    assert {orch.resolve(request).provider for _ in range(4)} == {"u", "q"}
+    assert {orch.resolve(request, priced_only=True).provider for _ in range(4)} == {"q"}
