@@ -138,9 +138,9 @@ class LLMCostTrackingV1(BaseModel):
     usage_estimated: bool = Field(
         default=False,
         description=(
-            "Tokens and cost are estimated from the prompt (input only): the call was cut off, by the"
-            " request's deadline or as the slower of a hedged pair, before the provider reported its usage,"
-            " and the provider may still bill it."
+            "Tokens and cost are estimated from the prompt (input only): the call was cut off (by the"
+            " request's deadline, as the slower of a hedged pair, or by a read timeout once sent) before the"
+            " provider reported its usage, and the provider may still bill it."
         ),
     )
 

@@ -330,7 +330,7 @@ class Handler:
             metadata["price_known"] = False
         detail = None
         if error is not None:
-            details = {k: v for k, v in error.details.items() if k not in ("usage", "cache_write_tokens")}
+            details = {k: v for k, v in error.details.items() if k not in _INTERNAL_DETAILS}
             details.setdefault("provider", call.provider)
             detail = ErrorDetail.from_code(error.code, error.message, job.correlation_id, **details)
         src, cid, cid_text, now = self.service_name, job.correlation_id, job.correlation_text, now_text()
@@ -477,6 +477,10 @@ class Handler:
             "offset": record.offset,
         }
         return make_dlq_record(self.topics.dlq, record.value, error, list(record.headers or ()), source)
+
+
+#: Error details for the worker itself, not the wire.
+_INTERNAL_DETAILS = frozenset({"usage", "cache_write_tokens", "unanswered"})
 
 
 def _deadline_monotonic(job: Job) -> float | None:

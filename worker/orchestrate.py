@@ -430,8 +430,10 @@ class Orchestrator:
         else:
             breaker.record(error.code if error else None)
             self.router.observe_latency(call.provider, duration_s)
-        estimated = cut and usage is None
-        if estimated:  # the provider had the prompt, and may bill it
+        # Cut off, or no answer read in time after the request went out: the provider had the prompt, and
+        # may bill it.
+        estimated = usage is None and (cut or bool(error is not None and error.details.get("unanswered")))
+        if estimated:
             usage = _cut_usage(call)
         self._account(call, answer, error, usage, started_at, duration_s, outcome, estimated)
         if error is not None:

@@ -111,3 +111,31 @@ async def test_a_call_cut_by_the_deadline_is_tracked_at_its_estimated_input() ->
     [attempt] = outcome.attempts
     assert attempt.estimated and attempt.usage == TokenUsage(prompt_tokens=1001, total_tokens=1001)
     assert attempt.cost is not None and attempt.cost.usd == pytest.approx(1001 * 2.0 / 1_000_000)
+
+
+@pytest.mark.parametrize("unanswered", [True, False])
+async def test_a_call_sent_but_not_answered_in_time_is_tracked_at_its_estimated_input(
+    unanswered: bool,
+) -> None:
+    """Our HTTP read timeout after the request went out: the provider had the prompt. A connect timeout:
+    nothing was sent, nothing estimated."""
+    from contracts import ErrorCode
+    from worker.errors import ProviderError
+    from worker.orchestrate import RetryPolicy
+
+    timeout = ProviderError(
+        ErrorCode.TIMEOUT,
+        "p did not answer in time",
+        provider="p",
+        **({"unanswered": True} if unanswered else {}),
+    )
+    orchestrator = Orchestrator(
+        {"p": Scripted("p", timeout)},  # type: ignore[dict-item]
+        PriceTable({}),
+        ProviderName.MOCK,
+        retry=RetryPolicy(max_attempts=1),
+    )
+    outcome = await orchestrator.run(CALL, None)
+    [attempt] = outcome.attempts
+    assert attempt.estimated is unanswered
+    assert attempt.usage == (TokenUsage(prompt_tokens=1, total_tokens=1) if unanswered else None)

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import socket
 
+import aiohttp
 import httpx
 import pytest
 
 from contracts import ErrorCode
 from worker.errors import ProviderError
-from worker.providers.http import HttpEndpoint, HttpxSender, classify_error, make_endpoint
+from worker.providers.http import (
+    HttpEndpoint,
+    HttpxSender,
+    classify_error,
+    classify_transport_error,
+    make_endpoint,
+)
 from worker.settings import ProviderSettings
 
 from .fake_providers import fake_server
@@ -296,6 +303,24 @@ async def test_a_slow_answer_over_the_read_timeout_is_timeout_on_the_aiohttp_tra
             await endpoint.post_json("openai", "/v1/chat/completions", {"model": "m", "messages": []})
         await endpoint.aclose()
     assert caught.value.code is ErrorCode.TIMEOUT
+    assert caught.value.details.get("unanswered") is True  # sent, then no answer read in time
+
+
+@pytest.mark.parametrize(
+    ("failure", "sent"),
+    [
+        (aiohttp.SocketTimeoutError(), True),
+        (httpx.ReadTimeout("slow"), True),
+        (aiohttp.ConnectionTimeoutError(), False),  # connecting, or waiting for a pooled connection
+        (httpx.ConnectTimeout("slow"), False),
+        (httpx.PoolTimeout("busy"), False),
+    ],
+)
+def test_only_a_timeout_after_the_request_went_out_counts_as_unanswered(
+    failure: Exception, sent: bool
+) -> None:
+    err = classify_transport_error("openai", failure)
+    assert err.code is ErrorCode.TIMEOUT and bool(err.details.get("unanswered")) is sent
 
 
 async def test_a_refused_connection_is_connection_error_not_timeout() -> None:

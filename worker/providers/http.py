@@ -262,8 +262,15 @@ def _too_large(provider: str, exc: BodyTooLarge) -> ProviderError:
 def classify_transport_error(provider: str, exc: Exception) -> ProviderError:
     """No answer: a timeout, or a connection that could not be made or broke (refused, reset, hung up)."""
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        # Timed out reading the answer: the request was sent, so the provider had the prompt (and may bill
+        # it). Not so for a connect timeout, or a wait for a pooled connection.
+        sent = isinstance(exc, aiohttp.SocketTimeoutError | httpx.ReadTimeout)
         return ProviderError(
-            ErrorCode.TIMEOUT, f"{provider} did not answer in time", provider=provider, retryable=True
+            ErrorCode.TIMEOUT,
+            f"{provider} did not answer in time",
+            provider=provider,
+            retryable=True,
+            **({"unanswered": True} if sent else {}),
         )
     return ProviderError(
         ErrorCode.CONNECTION_ERROR,
