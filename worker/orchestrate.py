@@ -418,9 +418,11 @@ class Orchestrator:
                     Attempt(call.provider, call.model, started_at, ms, estimate, cost, None, True, True)
                 )
         usage = answer.usage if answer else _billed_usage(error)
+        # Cut off, or no answer read in time after the request went out: the provider had the prompt (its
+        # rate limits count it, and it may bill it).
+        unanswered = cut or bool(error is not None and error.details.get("unanswered"))
         if grant is not None and self.limiter is not None:
-            # A call our deadline cut reached the provider, which counts its prompt: the estimate stays.
-            used = usage.total_tokens if usage else grant.tokens if cut else None
+            used = usage.total_tokens if usage else grant.tokens if unanswered else None
             await self.limiter.settle(grant, used)
         if cut:  # by our deadline: the provider's fault only if it had run past the slow-call bound
             if breaker.cut(duration_s):
@@ -430,9 +432,7 @@ class Orchestrator:
         else:
             breaker.record(error.code if error else None)
             self.router.observe_latency(call.provider, duration_s)
-        # Cut off, or no answer read in time after the request went out: the provider had the prompt, and
-        # may bill it.
-        estimated = usage is None and (cut or bool(error is not None and error.details.get("unanswered")))
+        estimated = usage is None and unanswered
         if estimated:
             usage = _cut_usage(call)
         self._account(call, answer, error, usage, started_at, duration_s, outcome, estimated)

@@ -170,3 +170,38 @@ async def test_a_call_cut_by_the_deadline_keeps_its_token_estimate_in_the_limite
     assert len(p.calls) == 1
     assert len(settled) == 1 and settled[0][0] > 0
     assert settled[0][1] == settled[0][0]  # not None: that would give the estimate back
+
+
+async def test_a_call_sent_but_not_answered_in_time_keeps_its_token_estimate_in_the_limiter() -> None:
+    """Our read timeout after the request went out: the provider counted the prompt against its limits."""
+    from worker.errors import ProviderError
+    from worker.limits import Grant
+    from worker.orchestrate import Orchestrator, RetryPolicy
+    from worker.pricing import PriceTable
+
+    settled: list[tuple[int, int | None]] = []
+
+    class Recording:
+        async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None) -> Grant:
+            return Grant(provider, tokens)
+
+        async def settle(self, grant: Grant, used: int | None) -> None:
+            settled.append((grant.tokens, used))
+
+        def release_slots(self, grant: Grant) -> None:
+            pass
+
+    for unanswered, kept in ((True, True), (False, False)):
+        sent = {"unanswered": True} if unanswered else {}
+        timeout = ProviderError(ErrorCode.TIMEOUT, "p did not answer in time", provider="p", **sent)
+        o = Orchestrator(
+            {"p": Scripted("p", timeout)},  # type: ignore[dict-item]
+            PriceTable({}),
+            ProviderName.MOCK,
+            limiter=Recording(),  # type: ignore[arg-type]
+            retry=RetryPolicy(max_attempts=1),
+        )
+        settled.clear()
+        await o.run(CALL, None)
+        [(held, used)] = settled
+        assert (used == held) is kept and (used is None) is not kept
