@@ -154,9 +154,13 @@ def parse_limits(raw: str | dict[str, Any]) -> dict[str, Limit]:
     return {scope: Limit(**spec) for scope, spec in data.items()}
 
 
-def estimate_tokens(call: ComparisonCall) -> int:
+def estimate_prompt_tokens(call: ComparisonCall) -> int:
     chars = len(call.system_prompt) + len(call.user_prompt) + sum(len(b.content) for b in call.prompt_blocks)
-    return chars // 4 + 1 + (call.max_tokens or DEFAULT_OUTPUT_ESTIMATE)
+    return chars // 4 + 1
+
+
+def estimate_tokens(call: ComparisonCall) -> int:
+    return estimate_prompt_tokens(call) + (call.max_tokens or DEFAULT_OUTPUT_ESTIMATE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from contracts import ErrorCode, LLMComparisonRequestV1, ProviderName, TokenUsag
 from worker import metrics
 from worker.breaker import BreakerPolicy, Breakers, CircuitBreaker
 from worker.errors import ProviderError, RequestRejected, WorkerError
-from worker.limits import Limiter, estimate_tokens, parse_limits
+from worker.limits import Limiter, estimate_prompt_tokens, estimate_tokens, parse_limits
 from worker.metrics import HistogramTally, Tally
 from worker.pricing import Cost, PriceTable
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, Answer, ComparisonCall, Provider
@@ -201,7 +201,7 @@ class Orchestrator:
         names = dict.fromkeys((self.default_provider, *self.fallback.chain))
         eligible = [(p, self.providers[p].default_model) for p in names if p in self.providers]
         if priced_only:  # when none is priced, the budget check refuses whichever is picked
-            eligible = [(p, m) for p, m in eligible if m in self.prices.prices] or eligible
+            eligible = self._priced(eligible) or eligible
         return self.router.order(eligible)[0][0] if eligible else self.default_provider
 
     async def run(
@@ -278,8 +278,12 @@ class Orchestrator:
             if p != call.provider and p in self.providers
         ]
         if priced_only:
-            others = [(p, m) for p, m in others if m in self.prices.prices]
+            others = self._priced(others)
         return [call] + [replace(call, provider=p, model=m) for p, m in self.router.order(others)]
+
+    def _priced(self, candidates: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (provider, model) pairs whose model has a price (a budget can count its calls)."""
+        return [(p, m) for p, m in candidates if m in self.prices.prices]
 
     async def _run_provider(
         self, call: ComparisonCall, deadline_s: float | None, outcome: CallOutcome
@@ -510,8 +514,7 @@ def _exception(rs: RetryCallState) -> BaseException | None:
 def _cut_usage(call: ComparisonCall) -> TokenUsage:
     """A call cut off before the provider answered: its prompt as input tokens (characters / 4), no output.
     A lower bound of what the provider may bill, which it does not report to a caller that left."""
-    chars = len(call.system_prompt) + len(call.user_prompt) + sum(len(b.content) for b in call.prompt_blocks)
-    tokens = chars // 4 + 1
+    tokens = estimate_prompt_tokens(call)
     return TokenUsage(prompt_tokens=tokens, total_tokens=tokens)
 
 

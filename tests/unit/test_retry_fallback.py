@@ -8,6 +8,7 @@ from time import monotonic
 from contracts import ErrorCode, ProviderName
 from tests.unit.fakes import OK, FakeTime, Scripted, err
 from worker.breaker import BreakerPolicy, Breakers, BreakerState
+from worker.limits import Grant
 from worker.orchestrate import FallbackPolicy, Orchestrator, RetryPolicy
 from worker.pricing import PriceTable
 from worker.providers.base import ComparisonCall
@@ -148,23 +149,26 @@ async def test_calls_cut_by_the_deadline_before_the_slow_call_bound_do_not_count
         assert len(p.calls) == 3
 
 
+class _SettleRecorder:
+    """A limiter that grants at once and records each settle as (tokens held, tokens used)."""
+
+    def __init__(self) -> None:
+        self.settled: list[tuple[int, int | None]] = []
+
+    async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None) -> Grant:
+        return Grant(provider, tokens)
+
+    async def settle(self, grant: Grant, used: int | None) -> None:
+        self.settled.append((grant.tokens, used))
+
+    def release_slots(self, grant: Grant) -> None:
+        pass
+
+
 async def test_a_call_cut_by_the_deadline_keeps_its_token_estimate_in_the_limiter() -> None:
-    from worker.limits import Grant
-
-    settled: list[tuple[int, int | None]] = []
-
-    class Recording:
-        async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None) -> Grant:
-            return Grant(provider, tokens)
-
-        async def settle(self, grant: Grant, used: int | None) -> None:
-            settled.append((grant.tokens, used))
-
-        def release_slots(self, grant: Grant) -> None:
-            pass
-
     o, p = _hanging(slow_call_s=0)
-    o.limiter = Recording()  # type: ignore[assignment]
+    o.limiter = limiter = _SettleRecorder()  # type: ignore[assignment]
+    settled = limiter.settled
     outcome = await o.run(CALL, monotonic() + 0.1)
     assert outcome.error is not None and outcome.error.code is ErrorCode.EXPIRED
     assert len(p.calls) == 1
@@ -175,22 +179,9 @@ async def test_a_call_cut_by_the_deadline_keeps_its_token_estimate_in_the_limite
 async def test_a_call_sent_but_not_answered_in_time_keeps_its_token_estimate_in_the_limiter() -> None:
     """Our read timeout after the request went out: the provider counted the prompt against its limits."""
     from worker.errors import ProviderError
-    from worker.limits import Grant
-    from worker.orchestrate import Orchestrator, RetryPolicy
-    from worker.pricing import PriceTable
 
-    settled: list[tuple[int, int | None]] = []
-
-    class Recording:
-        async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None) -> Grant:
-            return Grant(provider, tokens)
-
-        async def settle(self, grant: Grant, used: int | None) -> None:
-            settled.append((grant.tokens, used))
-
-        def release_slots(self, grant: Grant) -> None:
-            pass
-
+    limiter = _SettleRecorder()
+    settled = limiter.settled
     for unanswered, kept in ((True, True), (False, False)):
         sent = {"unanswered": True} if unanswered else {}
         timeout = ProviderError(ErrorCode.TIMEOUT, "p did not answer in time", provider="p", **sent)
@@ -198,7 +189,7 @@ async def test_a_call_sent_but_not_answered_in_time_keeps_its_token_estimate_in_
             {"p": Scripted("p", timeout)},  # type: ignore[dict-item]
             PriceTable({}),
             ProviderName.MOCK,
-            limiter=Recording(),  # type: ignore[arg-type]
+            limiter=limiter,  # type: ignore[arg-type]
             retry=RetryPolicy(max_attempts=1),
         )
         settled.clear()
