@@ -323,7 +323,7 @@ class Emitter:
         """Keyed events go where the Java client's partitioner puts them (murmur2 of the key). Keyless
         ones are sticky, as in the Java client since KIP-480: all of a topic's keyless events of one round
         go to one partition picked at random, one batch instead of one per partition."""
-        cluster = self.producer.client.cluster
+        cluster, unknown = self.producer.client.cluster, self._unknown
         partitions: dict[str, tuple[int, ...]] = {}
         sticky: dict[str, int] = {}
         groups: dict[tuple[str, int], list[_Item]] = {}
@@ -333,16 +333,19 @@ class Emitter:
             if parts is None:
                 known = cluster.partitions_for_topic(topic)
                 parts = partitions[topic] = tuple(sorted(known)) if known else ()
-            if not parts or topic in self._unknown:  # no metadata (yet): sent in order beside the pump
-                key, partition = (m.key.encode() if m.key is not None else None), -1
-            elif m.key is not None:
-                key = m.key.encode()
-                partition = keyed_partition(parts, key)
+            key = m.key.encode() if m.key is not None else None
+            if not parts or topic in unknown:  # no metadata (yet): sent in order beside the pump
+                partition = -1
+            elif key is not None:  # keyed_partition, inlined: once per event
+                partition = parts[(murmurhash2(key, _KAFKA_SEED) & 0x7FFFFFFF) % len(parts)]
             else:
-                key, partition = None, sticky.get(topic, -1)
+                partition = sticky.get(topic, -1)
                 if partition < 0:
                     partition = sticky[topic] = random.choice(parts)
-            groups.setdefault((topic, partition), []).append((m, key, waiter))
+            group = groups.get((topic, partition))
+            if group is None:
+                group = groups[(topic, partition)] = []
+            group.append((m, key, waiter))
         return groups
 
     async def _send(self, topic: str, partition: int, items: list[_Item]) -> None:

@@ -214,7 +214,13 @@ class Orchestrator:
         """Answer the call, bounded by the deadline (a monotonic time). Never raises WorkerError.
         `priced_only`: no fallback to a model without a price (a budget could not count it)."""
         outcome = CallOutcome(call)
-        candidates = self._candidates(call, allow_fallback or self.fallback.always, priced_only)
+        if not (allow_fallback or self.fallback.always):  # one candidate: the loop below, without the loop
+            outcome.answer, outcome.error = await self._run_provider(call, deadline_s, outcome)
+            if outcome.answer is not None:
+                outcome.answered_by = call
+            _ATTEMPTS_PER_REQUEST.observe(len(outcome.attempts))
+            return outcome
+        candidates = self._candidates(call, priced_only)
         i = 0
         while i < len(candidates):
             if i:
@@ -269,9 +275,8 @@ class Orchestrator:
             await asyncio.gather(*pending, return_exceptions=True)
         return call, None, error, 2
 
-    def _candidates(self, call: ComparisonCall, fallback: bool, priced_only: bool) -> list[ComparisonCall]:
-        if not fallback:
-            return [call]
+    def _candidates(self, call: ComparisonCall, priced_only: bool) -> list[ComparisonCall]:
+        """`call`, then the fallback chain's providers in the router's order."""
         others = [
             (p, self.providers[p].default_model)
             for p in dict.fromkeys(self.fallback.chain)

@@ -32,14 +32,14 @@ from worker.redis_batch import RedisBatch
 
 log = logging.getLogger(__name__)
 
-# The first ARGV[#ARGV] keys are outcomes, set only where none is stored (NX): the first outcome recorded
-# for a request stays, even when a later run of it (after a lookup Redis could not answer) ends
-# otherwise. The rest are emitted markers.
+# KEYS: the outcomes, then the emitted markers; ARGV: the outcomes' values, then the TTL. An outcome is
+# set only where none is stored (NX): the first outcome recorded for a request stays, even when a later
+# run of it (after a lookup Redis could not answer) ends otherwise. A marker is set to "1".
 _SET_ALL = """
-local ttl, outcomes = ARGV[#ARGV - 1], tonumber(ARGV[#ARGV])
+local ttl, outcomes = ARGV[#ARGV], #ARGV - 1
 for i, key in ipairs(KEYS) do
   if i <= outcomes then redis.call('SET', key, ARGV[i], 'EX', ttl, 'NX')
-  else redis.call('SET', key, ARGV[i], 'EX', ttl) end
+  else redis.call('SET', key, '1', 'EX', ttl) end
 end
 return #KEYS
 """
@@ -73,11 +73,6 @@ def decode_outcome(stored: bytes) -> list[Outgoing]:
     return out
 
 
-#: A queued SET: key, value, the future to tell (the turn's shared one for a put, None for
-#: mark_emitted_soon), the op for the degraded metric.
-_Set = tuple[str, bytes, asyncio.Future[None] | None, str]
-
-
 class OutcomeStore:
     """Two keys per request, both with the TTL: `<prefix>:outcome:<id>` = the outcome's events, and
     `<prefix>:emitted:<id>` = "1" once Kafka acknowledged them."""
@@ -88,7 +83,12 @@ class OutcomeStore:
         self.emitted_prefix = f"{prefix}:emitted:"
         self.ttl_s = ttl_s
         self._gets: list[tuple[str, asyncio.Future[Any]]] = []
-        self._sets: list[_Set] = []
+        # This turn's writes, for its one script call: outcome keys and values, emitted-marker keys, and
+        # the futures of markers someone awaits (mark_emitted).
+        self._put_keys: list[str] = []
+        self._put_values: list[bytes] = []
+        self._mark_keys: list[str] = []
+        self._mark_futures: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._marking: set[asyncio.Future[Any]] = set()
         #: The future of this turn's puts (one for all of them), until the turn's script call is sent.
@@ -117,38 +117,39 @@ class OutcomeStore:
         gate = self._gate
         if gate is None or gate.done():  # done: cancelled after all; the later puts get a future of their own
             gate = self._gate = self._running_loop().create_future()
-        self._queue_set(self.prefix + request_id, value, gate, "put")
+        self._queue_write()
+        self._put_keys.append(self.prefix + request_id)
+        self._put_values.append(value)
         return gate
 
     async def mark_emitted(self, request_id: str) -> None:
-        await self._set("mark_emitted", self.emitted_prefix + request_id, b"1")
+        """Set the emitted marker; done when Redis stored it, or when it could not (Redis down: counted as
+        degraded, at-least-once only); cancelled if the batch was."""
+        future: asyncio.Future[None] = self._running_loop().create_future()
+        self._queue_write()
+        self._mark_keys.append(self.emitted_prefix + request_id)
+        self._mark_futures.append(future)
+        await future
 
     def mark_emitted_soon(self, request_id: str) -> None:
         """mark_emitted without waiting: the offset need not wait for it. Until it lands a redelivery
         re-sends every event with its original event id (as after a crash between publish and mark), and
         once the offset is committed there is no redelivery. aclose() waits for the ones still going."""
-        self._queue_set(self.emitted_prefix + request_id, b"1", None, "mark_emitted")
+        self._queue_write()
+        self._mark_keys.append(self.emitted_prefix + request_id)
 
     async def aclose(self) -> None:
         """Wait for the emitted markers still on their way, then close the batch's connection."""
-        if self._sets:  # queued this turn: send them now
+        if self._put_keys or self._mark_keys:  # queued this turn: send them now
             self._flush_sets()
         if self._marking:
             await asyncio.wait(self._marking)
         await self.batch.aclose()
 
-    def _set(self, op: str, key: str, value: bytes) -> asyncio.Future[None]:
-        """Queue a SET for this turn's script call. The future is done when Redis stored it, or when it
-        could not (Redis down: counted as degraded, at-least-once only); cancelled if the batch was."""
-        future: asyncio.Future[None] = self._running_loop().create_future()
-        self._queue_set(key, value, future, op)
-        return future
-
-    def _queue_set(self, key: str, value: bytes, future: asyncio.Future[None] | None, op: str) -> None:
-        """Queue a SET for this turn's script call; `future` (if any) is told when it is stored."""
-        if not self._sets:
+    def _queue_write(self) -> None:
+        """The first write of a turn schedules the turn's script call."""
+        if not self._put_keys and not self._mark_keys:
             self._running_loop().call_soon(self._flush_sets)
-        self._sets.append((key, value, future, op))
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -163,28 +164,35 @@ class OutcomeStore:
         self.batch.submit("MGET", *keys).add_done_callback(partial(_hand_out_gets, gets))
 
     def _flush_sets(self) -> None:
-        sets, self._sets = self._sets, []
-        self._gate = None
-        if not sets:  # flushed early by aclose()
+        puts, values, marks, waiting = self._put_keys, self._put_values, self._mark_keys, self._mark_futures
+        if not puts and not marks:  # flushed early by aclose()
             return
-        outcomes = [s for s in sets if s[3] == "put"]
-        if len(outcomes) < len(sets):  # outcomes first (NX), then the emitted markers
-            sets = outcomes + [s for s in sets if s[3] != "put"]
-        keys = [key for key, _, _, _ in sets]
-        values = [value for _, value, _, _ in sets]
-        reply = self.batch.submit("EVAL", _SET_ALL, len(keys), *keys, *values, self.ttl_s, len(outcomes))
-        reply.add_done_callback(partial(self._hand_out_sets, sets))
-        if any(future is None for _, _, future, _ in sets):  # emitted marks: aclose() waits for them
+        self._put_keys, self._put_values, self._mark_keys, self._mark_futures = [], [], [], []
+        gate, self._gate = (self._gate if puts else None), None
+        keys = len(puts) + len(marks)
+        reply = self.batch.submit("EVAL", _SET_ALL, keys, *puts, *marks, *values, self.ttl_s)
+        reply.add_done_callback(partial(self._hand_out_sets, len(puts), len(marks), gate, waiting))
+        if marks:  # emitted marks: aclose() waits for them
             self._marking.add(reply)
             reply.add_done_callback(self._marking.discard)
 
-    def _hand_out_sets(self, sets: list[_Set], reply: asyncio.Future[Any]) -> None:
+    def _hand_out_sets(
+        self,
+        puts: int,
+        marks: int,
+        gate: asyncio.Future[None] | None,
+        waiting: list[asyncio.Future[None]],
+        reply: asyncio.Future[Any],
+    ) -> None:
         exc = None if reply.cancelled() else reply.exception()
         down = exc if isinstance(exc, RedisError | OSError) else None
-        for _, _, future, op in sets:
-            if down is not None:  # each write that was not made, puts and emitted marks alike
-                self._degraded(op, down)
-            if future is None or future.done():  # nobody waits, the caller gave up, or the turn's puts told
+        if down is not None:  # each write that was not made, puts and emitted marks alike
+            for _ in range(puts):
+                self._degraded("put", down)
+            for _ in range(marks):
+                self._degraded("mark_emitted", down)
+        for future in (gate, *waiting) if gate is not None else waiting:
+            if future.done():  # the caller gave up
                 continue
             if reply.cancelled():
                 future.cancel()
