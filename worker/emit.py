@@ -8,6 +8,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -278,7 +279,7 @@ class Emitter:
                 await asyncio.gather(*(self._metadata_error(t) for t in topics))
 
     def _enqueue(self, messages: list[Outgoing], waiter: _Waiter) -> None:
-        self._pending.extend([(m, waiter) for m in messages])
+        self._pending.extend(zip(messages, itertools.repeat(waiter)))
         self._wake.set()
 
     def _release(self, after: asyncio.Future[None]) -> None:
@@ -292,7 +293,7 @@ class Emitter:
             elif error is not None:
                 waiter.fail(error)
             else:
-                self._pending.extend([(m, waiter) for m in messages])
+                self._pending.extend(zip(messages, itertools.repeat(waiter)))
         self._wake.set()
 
     async def _pump(self) -> None:

@@ -55,12 +55,12 @@ class Handler:
     _dead_lettered: set[tuple[str, int, int]] = field(default_factory=set)
 
     async def handle(self, record: ConsumerRecord) -> None:
-        header_cid = header_text(record.headers, "correlation_id")
         try:
-            job = decode_request(record.value, header_cid, self.topics.comparison_result)
+            job = decode_request(record.value, record.headers, self.topics.comparison_result)
         except Unparseable as exc:  # log context: the Kafka key is the request id
             request_id_var.set(record.key.decode(errors="replace") if record.key else None)
-            correlation_id_var.set(str(exc.correlation_id) if exc.correlation_id else header_cid)
+            cid = exc.correlation_id
+            correlation_id_var.set(str(cid) if cid else header_text(record.headers, "correlation_id"))
             await self._dead_letter(record, exc)
             return
         except Invalid as exc:
@@ -101,9 +101,7 @@ class Handler:
         events: list[Outgoing] = []
         stored_before: asyncio.Future[None] | None = None
         try:
-            job = decode_request(
-                record.value, header_text(record.headers, "correlation_id"), self.topics.comparison_result
-            )
+            job = decode_request(record.value, record.headers, self.topics.comparison_result)
         except Unparseable:
             job = None
         except Invalid as exc:
@@ -161,13 +159,13 @@ class Handler:
             )
             return self._events(job, outcome, _ms_since(t0), "miss")
         if self.cache is None:
-            outcome, alerts = await self._call(job, call, deadline_s)
+            outcome, alerts = await self._call(job, call, deadline_s, budgeted)
             cache = "bypass" if request.cache.value == "bypass" else "miss"
             return self._events(job, outcome, _ms_since(t0), cache) + alerts
-        return await self._through_cache(job, call, deadline_s, t0)
+        return await self._through_cache(job, call, deadline_s, t0, budgeted)
 
     async def _through_cache(
-        self, job: Job, call: ComparisonCall, deadline_s: float | None, t0: float
+        self, job: Job, call: ComparisonCall, deadline_s: float | None, t0: float, budgeted: bool
     ) -> list[Outgoing]:
         """Policy use: a hit answers; else single-flight around the call (storing its answer). Refresh:
         single-flight without the read. Bypass (or caching disabled): neither read, write nor join."""
@@ -178,13 +176,14 @@ class Handler:
             metrics.labelled(
                 metrics.CACHE_BYPASS, "request" if requested is CachePolicy.BYPASS else "disabled"
             ).inc()
-            outcome, alerts = await self._call(job, call, deadline_s)
-            return self._events(job, outcome, _ms_since(t0), "bypass") + alerts
+            outcome, alerts = await self._call(job, call, deadline_s, budgeted)
+            events = self._events(job, outcome, _ms_since(t0), "bypass")
+            return events + alerts if alerts else events
         key = self.cache.key_for(call)
         try:
             flight = await self.cache.serve(
                 key,
-                lambda: self._call(job, call, deadline_s),
+                lambda: self._call(job, call, deadline_s, budgeted),
                 partial(_cacheable, job.request_id),
                 deadline_s,
                 read=policy is CachePolicy.USE,
@@ -211,12 +210,12 @@ class Handler:
         )
 
     async def _call(
-        self, job: Job, call: ComparisonCall, deadline_s: float | None
+        self, job: Job, call: ComparisonCall, deadline_s: float | None, budgeted: bool
     ) -> tuple[CallOutcome, list[Outgoing]]:
-        """Budget check, the provider call, spend accounting: the outcome and any cost alerts it raised."""
+        """Budget check (`budgeted`: the organization has one), the provider call, spend accounting: the
+        outcome and any cost alerts it raised."""
         request = job.request
         held = None
-        budgeted = self.spend is not None and self.spend.has_budget(request.organization_id)
         if budgeted:
             assert self.spend is not None
             estimate = estimate_call_usd(self.orchestrator.prices, call)

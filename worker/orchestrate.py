@@ -171,6 +171,11 @@ class Orchestrator:
         """Pick provider and model, and fix every input that changes the answer. `priced_only`: routing
         passes over providers whose default model has no price (a budget could not count it)."""
         o = request.llm_config_overrides
+        if o is None and not request.prompt_blocks:  # the plain request: what the rest gives, directly
+            name = self._pick_default(priced_only)
+            default = self.providers.get(name)
+            model = default.default_model if default else ""
+            return ComparisonCall(name, model, DEFAULT_SYSTEM_PROMPT, request.user_prompt)
         model_override = o.model_override if o else None
         if o and o.provider_override:
             provider_name = o.provider_override.value

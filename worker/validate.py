@@ -66,12 +66,14 @@ class Invalid(Exception):
         self.provider = provider
 
 
-def decode_request(raw: bytes | None, header_correlation_id: str | None, default_topic: str) -> Job:
-    """Parse and validate once; only the failure path looks at the bytes a second time. Raises Unparseable
-    or Invalid, never anything else, whatever the bytes."""
+def decode_request(raw: bytes | None, headers: Any, default_topic: str) -> Job:
+    """Parse and validate once; only the failure path looks at the bytes a second time, and at the record's
+    headers (their correlation id, for a document without one). Raises Unparseable or Invalid, never
+    anything else, whatever the bytes."""
     try:
         envelope = RequestEnvelope.model_validate_json(raw or b"")
     except ValidationError as exc:
+        header_correlation_id = header_text(headers, "correlation_id")
         try:
             reason = _explain(raw, exc, header_correlation_id, default_topic)
         except Exception:  # a document too odd to explain (e.g. nested too deep for json): still no crash

@@ -159,7 +159,7 @@ async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
     env = request_envelope(organization_id="org1")
     job = decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
     call = ComparisonCall(provider="openai", model="m", system_prompt="s", user_prompt="u")
-    task = asyncio.create_task(handler._call(job, call, None))
+    task = asyncio.create_task(handler._call(job, call, None, budgeted=True))
     await asyncio.wait_for(started.wait(), 5)
     with pytest.raises(RequestRejected):
         await spend.check_budget("org1", 0.6)  # 0.5 is held
@@ -206,12 +206,16 @@ async def test_an_organization_with_a_budget_cannot_call_a_model_without_a_price
     def call(model: str) -> ComparisonCall:
         return ComparisonCall(provider="openai", model=model, system_prompt="s", user_prompt="u")
 
-    refused, _ = await handler._call(job(organization_id="org1"), call("unpriced"), None)
+    async def call_as_process_does(job: Any, call: ComparisonCall) -> Any:
+        assert handler.spend is not None
+        return await handler._call(job, call, None, handler.spend.has_budget(job.request.organization_id))
+
+    refused, _ = await call_as_process_does(job(organization_id="org1"), call("unpriced"))
     assert refused.error is not None and refused.error.code is ErrorCode.CONFIGURATION_ERROR
     assert "'unpriced' has no price" in refused.error.message and provider.calls == []
-    priced, _ = await handler._call(job(organization_id="org1"), call("priced"), None)
+    priced, _ = await call_as_process_does(job(organization_id="org1"), call("priced"))
     assert priced.answer is not None and provider.calls == ["priced"]
-    no_budget, _ = await handler._call(job(), call("unpriced"), None)  # no organization: no budget
+    no_budget, _ = await call_as_process_does(job(), call("unpriced"))  # no organization: no budget
     assert no_budget.answer is not None and provider.calls == ["priced", "unpriced"]
 
 

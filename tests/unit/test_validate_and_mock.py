@@ -42,7 +42,7 @@ def test_caller_request_id_and_callback_topic_are_kept() -> None:
 def test_non_json_is_unparseable_with_the_header_correlation_id() -> None:
     cid = str(uuid.uuid4())
     with pytest.raises(Unparseable) as err:
-        decode_request(b"{{{", cid, DEFAULT_TOPIC)
+        decode_request(b"{{{", [("correlation_id", cid.encode())], DEFAULT_TOPIC)
     assert err.value.reason == "not JSON"
     assert str(err.value.correlation_id) == cid
 
