@@ -152,6 +152,10 @@ class _RandomIds:
             ids = self.ids = _uuid4_batch(256)
         return ids.pop()
 
+    def forget(self) -> None:
+        """Drop the ids made but not used: a forked child must not hand out its parent's."""
+        self.ids = []
+
 
 def _uuid4_batch(n: int) -> list[str]:
     # The five groups of n ids: 4, 2, 2, 2 and 6 random bytes as hex; the third group's first byte gets
@@ -173,6 +177,7 @@ def _uuid4_batch(n: int) -> list[str]:
 _VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
 _VARIANT_RFC = bytes((b & 0x3F) | 0x80 for b in range(256))
 _IDS = _RandomIds()
+os.register_at_fork(after_in_child=_IDS.forget)
 
 
 @functools.lru_cache(maxsize=16)

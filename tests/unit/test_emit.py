@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import struct
 import uuid
@@ -119,6 +120,23 @@ def test_event_ids_are_distinct_version_4_uuids_across_refills() -> None:
         assert str(parsed) == text
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_makes_event_ids_of_its_own() -> None:
+    from worker import emit
+
+    emit._IDS.uuid4()  # the parent holds ids made but not used
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        os.write(write, emit._IDS.uuid4().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    assert uuid.UUID(child_id).version == 4
+    assert child_id != emit._IDS.uuid4()  # without forgetting, both would take the same one
 
 
 class _Producer:
