@@ -358,8 +358,8 @@ class Emitter:
             key = m.key.encode() if m.key is not None else None
             if not parts or topic in unknown:  # no metadata (yet): sent in order beside the pump
                 partition = -1
-            elif key is not None:  # keyed_partition, inlined: once per event
-                partition = parts[(murmurhash2(key, _KAFKA_SEED) & 0x7FFFFFFF) % len(parts)]
+            elif key is not None:
+                partition = keyed_partition(parts, key)
             else:
                 partition = sticky.get(topic, -1)
                 if partition < 0:
@@ -528,7 +528,8 @@ def murmur2(data: bytes) -> int:
 
 def keyed_partition(partitions: tuple[int, ...], key: bytes) -> int:
     """Where the Java client's default partitioner puts a keyed record, of the topic's sorted partitions."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    # murmur2(key), without the extra call: once per keyed event
+    return partitions[(murmurhash2(key, _KAFKA_SEED) & 0x7FFFFFFF) % len(partitions)]
 
 
 def _headers(m: Outgoing) -> list[tuple[str, bytes]]:

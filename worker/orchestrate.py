@@ -171,11 +171,6 @@ class Orchestrator:
         """Pick provider and model, and fix every input that changes the answer. `priced_only`: routing
         passes over providers whose default model has no price (a budget could not count it)."""
         o = request.llm_config_overrides
-        if o is None and not request.prompt_blocks:  # the plain request: what the rest gives, directly
-            name = self._pick_default(priced_only)
-            default = self.providers.get(name)
-            model = default.default_model if default else ""
-            return ComparisonCall(name, model, DEFAULT_SYSTEM_PROMPT, request.user_prompt)
         model_override = o.model_override if o else None
         if o and o.provider_override:
             provider_name = o.provider_override.value
@@ -185,7 +180,8 @@ class Orchestrator:
             provider_name = self._pick_default(priced_only)
         provider = self.providers.get(provider_name)
         model = model_override or (provider.default_model if provider else "")
-        system = [b.content for b in request.prompt_blocks or () if b.target == "system"]
+        blocks = request.prompt_blocks or ()
+        system = [b.content for b in blocks if b.target == "system"]
         return ComparisonCall(
             provider=provider_name,
             model=model,
@@ -193,7 +189,7 @@ class Orchestrator:
             or "\n\n".join(system)
             or DEFAULT_SYSTEM_PROMPT,
             user_prompt=request.user_prompt,
-            prompt_blocks=tuple(request.prompt_blocks or ()),
+            prompt_blocks=tuple(blocks),
             temperature=o.temperature_override if o else None,
             max_tokens=o.max_tokens_override if o else None,
             reasoning_effort=o.reasoning_effort if o else None,

@@ -169,8 +169,8 @@ class OutcomeStore:
             return
         self._put_keys, self._put_values, self._mark_keys, self._mark_futures = [], [], [], []
         gate, self._gate = (self._gate if puts else None), None
-        keys = len(puts) + len(marks)
-        reply = self.batch.submit("EVAL", _SET_ALL, keys, *puts, *marks, *values, self.ttl_s)
+        n_keys = len(puts) + len(marks)
+        reply = self.batch.submit("EVAL", _SET_ALL, n_keys, *puts, *marks, *values, self.ttl_s)
         reply.add_done_callback(partial(self._hand_out_sets, len(puts), len(marks), gate, waiting))
         if marks:  # emitted marks: aclose() waits for them
             self._marking.add(reply)

@@ -80,8 +80,7 @@ class MockProvider:
         )
         confidence = 1.0 + (digest[1] % 41) / 10  # 1.0 .. 5.0
         justification = _JUSTIFICATIONS[winner, digest[2] % len(_REASONS)]
-        # _estimate_tokens of the system and user prompts, inlined (once per call)
-        prompt_tokens = max(1, len(call.system_prompt) // 4) + max(1, len(call.user_prompt) // 4)
+        prompt_tokens = _estimate_tokens(call.system_prompt) + _estimate_tokens(call.user_prompt)
         if call.prompt_blocks:
             prompt_tokens += sum(_estimate_tokens(b.content) for b in call.prompt_blocks)
         completion_tokens = 40 + digest[3] % 60
