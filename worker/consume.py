@@ -351,23 +351,25 @@ class _Pacer:
     refilled at once again: every request then queues behind the whole wave at each step after its call
     (measured with MAX_IN_FLIGHT=1000 and 1 s calls: waves 150-300 ms wide, 1.15-1.3 s per request). The
     rate allowed is 1.25 x window / (average time in the window), i.e. a quarter above what the window can
-    sustain by Little's law, so it never limits steady throughput; bursts are capped at 1/10 of the window
+    sustain by Little's law, so it never limits steady throughput; bursts are capped at 1/3 of the window
     (at least 8).
-    Admissions come in chunks of at least 1/20 of the window (or the room, when that is less): with fast
-    requests a trickle of small admissions made each step (fetch, Redis, publish) run for a few requests at
-    a time. Bench B (mock at 0 ms, 1000 in flight), alternating runs: 48 records per fetch with chunks of
-    1/100 and bursts of 1/20, 83 with these; the worker's CPU per request 136/129/113 us against
-    116/127/114.
+    Admissions come in chunks of at least 1/5 of the window (or the room, when that is less): with fast
+    requests each admission runs the fetch, Redis and publish steps, and each request's own code, for its
+    group at once, and the larger the group the less CPU per request. Bench B (mock at 0 ms, 1000 in
+    flight), alternating runs: chunks of 1/100 and bursts of 1/20 gave 48 records per fetch, 1/20 and 1/10
+    gave 83 and 8 % less CPU per request (10 of 12 pairs); 1/5 and 1/3 against those, on a broker and Redis
+    cleared between runs, less in 8 of 9 pairs (median 13 %). A window that is full (slow calls) admits
+    what room there is, so this does not make waves there: a request that finishes frees its place for one.
     Until the first request finishes, the average is taken to be 1 s (the short end of LLM calls): a cold
-    start with a backlog fills the window in 0.8 s rather than at once.
+    start with a backlog fills the window in about half a second rather than at once.
     """
 
     HEADROOM = 1.25
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.burst = max(min(window, 8.0), window / 10)  # a small window may still fill at once
-        self.chunk = max(1, window // 20)  # admit at least this many at a time: one getmany per chunk
+        self.burst = max(min(window, 8.0), window / 3)  # a small window may still fill at once
+        self.chunk = max(1, window // 5)  # admit at least this many at a time: one getmany per chunk
         self.tokens = self.burst
         self.refilled = time.monotonic()
         self.latency_s = 1.0
