@@ -51,6 +51,9 @@ def _payloads(n: int, stamp: bool = False) -> list[tuple[bytes, bytes]]:
     return out
 
 
+_CREATED: list[Topology] = []
+
+
 class Topology:
     def __init__(self, partitions: int = 12) -> None:
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -59,17 +62,12 @@ class Topology:
 
     async def create(self) -> None:
         await create_topics(self.kafka)
+        _CREATED.append(self)
 
-    async def remove(self) -> None:
-        """Delete the run's topics and the worker's Redis keys (all under the run's prefix). Left behind, a
-        set's runs piled up in Redis (idempotency records live 24 h: about 5 KB per request, 23 GB after a
-        day of benchmarking, when the kernel killed Redis) and in the broker's partitions."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-        await admin.start()
-        try:
-            await admin.delete_topics(self.topics.all())
-        finally:
-            await admin.close()
+    async def forget_keys(self) -> None:
+        """Delete the worker's Redis keys of this run (all under its prefix). Left behind, runs piled up in
+        Redis (idempotency records live 24 h: about 5 KB per request, 23 GB after a day of benchmarking,
+        when the kernel killed Redis)."""
         redis = Redis.from_url(RedisSettings().redis_url)
         try:
             keys = [k async for k in redis.scan_iter(match=f"{self.prefix}*", count=10_000)]
@@ -77,6 +75,17 @@ class Topology:
                 await redis.unlink(*keys[i : i + 10_000])
         finally:
             await redis.aclose()
+
+
+async def _delete_topics(topologies: list[Topology]) -> None:
+    """The runs' topics, once all runs are done: the broker deletes a topic's logs a minute later, which
+    slowed the runs that came after when it was done per run (echo loop 5 800-10 600 msg/s)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.delete_topics([t for topo in topologies for t in topo.topics.all()])
+    finally:
+        await admin.close()
 
 
 async def _reader(topic: str) -> AIOKafkaConsumer:
@@ -171,7 +180,7 @@ async def throughput(kind: str, n: int, extra_env: dict[str, str]) -> float:
     finally:
         _stop(proc)
         await reader.stop()
-        await topo.remove()
+        await topo.forget_keys()
 
 
 async def latency_p99(kind: str, rate: float, seconds: float, warmup_s: float) -> tuple[float, float]:
@@ -228,7 +237,7 @@ async def latency_p99(kind: str, rate: float, seconds: float, warmup_s: float) -
         await producer.stop()
         _stop(proc)
         await reader.stop()
-        await topo.remove()
+        await topo.forget_keys()
 
 
 async def main() -> None:
@@ -293,6 +302,7 @@ async def main() -> None:
                 "target": "median diff <= 5",
             }
         )
+    await _delete_topics(_CREATED)
     for row in rows:
         print(
             json.dumps(

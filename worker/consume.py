@@ -351,29 +351,29 @@ class _Pacer:
     refilled at once again: every request then queues behind the whole wave at each step after its call
     (measured with MAX_IN_FLIGHT=1000 and 1 s calls: waves 150-300 ms wide, 1.15-1.3 s per request). The
     rate allowed is 1.25 x window / (average time in the window), i.e. a quarter above what the window can
-    sustain by Little's law, so it never limits steady throughput; bursts are capped at 1/3 of the window
-    (at least 8).
-    Admissions come in chunks of at least 1/5 of the window (or the room, when that is less): with fast
-    requests each admission runs the fetch, Redis and publish steps, and each request's own code, for its
-    group at once, and the larger the group the less CPU per request. Bench B (mock at 0 ms, 1000 in
-    flight), alternating runs: chunks of 1/100 and bursts of 1/20 gave 48 records per fetch, 1/20 and 1/10
-    gave 83 and 8 % less CPU per request (10 of 12 pairs); 1/5 and 1/3 against those, on a broker and Redis
-    cleared between runs, less in 8 of 9 pairs (median 13 %). A window that is full (slow calls) admits
-    what room there is, so this does not make waves there: a request that finishes frees its place for one.
+    sustain by Little's law, so it never limits steady throughput. Bursts are capped at what the window
+    completes in 100 ms, between 1/10 and 1/3 of the window (at least 8), and admissions come in chunks
+    of at least half a burst (or the room, when that is less). Calls of a second or more thus enter in
+    bursts of 1/10 and chunks of 1/20 of the window: larger ones made start-up waves that lowered bench A
+    (mock at 1 s) from 980-983 to 959-976 req/s. With fast requests each admission runs the fetch, Redis
+    and publish steps, and each request's own code, for its group at once, and the larger the group the
+    less CPU per request. Bench B (mock at 0 ms, 1000 in flight), alternating runs: chunks of 1/100 and
+    bursts of 1/20 gave 48 records per fetch, 1/20 and 1/10 gave 83 and 8 % less CPU per request (10 of 12
+    pairs); 1/5 and 1/3 against those, with Redis cleared between runs, less again in 8 of 9 pairs
+    (median 13 %).
     Until the first request finishes, the average is taken to be 1 s (the short end of LLM calls): a cold
-    start with a backlog fills the window in about half a second rather than at once.
+    start with a backlog fills the window in 0.8 s rather than at once.
     """
 
     HEADROOM = 1.25
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.burst = max(min(window, 8.0), window / 3)  # a small window may still fill at once
-        self.chunk = max(1, window // 5)  # admit at least this many at a time: one getmany per chunk
-        self.tokens = self.burst
-        self.refilled = time.monotonic()
+        self.floor = min(window, 8.0)  # a small window may still fill at once
         self.latency_s = 1.0
         self.observed = False
+        self.tokens = self._burst(window / self.latency_s)
+        self.refilled = time.monotonic()
 
     def finished(self, in_window_s: float) -> None:
         if not self.observed:
@@ -386,14 +386,20 @@ class _Pacer:
 
     def allowance(self, room: int) -> tuple[int, float]:
         """How many records may be admitted now, else how long to wait for the next one."""
-        rate = self.HEADROOM * self.window / max(self.latency_s, 1e-4)
+        drain = self.window / max(self.latency_s, 1e-4)  # what the window completes per second
+        rate = self.HEADROOM * drain
+        burst = self._burst(drain)
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * rate)
+        self.tokens = min(burst, self.tokens + (now - self.refilled) * rate)
         self.refilled = now
-        want = min(self.chunk, room)
+        want = min(max(1, int(burst / 2)), room)  # one getmany per chunk
         if self.tokens + 1e-9 >= want:  # (float rounding of the refill)
             return min(room, int(self.tokens + 1e-9)), 0.0
         return 0, min((want - self.tokens) / rate, 0.1)
+
+    def _burst(self, drain: float) -> float:
+        """What the window completes in 100 ms, between 1/10 and 1/3 of it (at least the floor)."""
+        return max(self.floor, min(self.window / 3, max(self.window / 10, drain * 0.1)))
 
 
 class _Listener(ConsumerRebalanceListener):
