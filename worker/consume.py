@@ -359,8 +359,8 @@ class _Pacer:
     and publish steps, and each request's own code, for its group at once, and the larger the group the
     less CPU per request. Bench B (mock at 0 ms, 1000 in flight), alternating runs: chunks of 1/100 and
     bursts of 1/20 gave 48 records per fetch, 1/20 and 1/10 gave 83 and 8 % less CPU per request (10 of 12
-    pairs); 1/5 and 1/3 against those, with Redis cleared between runs, less again in 7 of 9 pairs
-    (median 13 %).
+    pairs); chunks of 1/5 and bursts of 1/3 against those, with Redis cleared between runs, less again in
+    7 of 9 pairs (median 13 %; the chunk is now half a burst, 1/6 for fast requests).
     Until the first request finishes, the average is taken to be 1 s (the short end of LLM calls): a cold
     start with a backlog fills the window in 0.8 s rather than at once.
     """
