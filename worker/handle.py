@@ -336,8 +336,16 @@ class Handler:
         if answer is not None and detail is None:
             # Answers are validated where they are made (parse_answer, the mock, the cache's decode), so
             # the result is serialised without validating it again.
+            by = outcome.answered_by  # the result names who answered: a fallback provider, when one did
             fields = _answered_result(
-                job, cid_text, answer, call.provider, elapsed_ms, cost_usd, metadata, now
+                job,
+                cid_text,
+                answer,
+                by.provider if by else call.provider,
+                elapsed_ms,
+                cost_usd,
+                metadata,
+                now,
             )
             result = make_unchecked_event(
                 "result",

@@ -47,6 +47,8 @@ async def test_request_allowing_fallback_is_answered_by_the_next_provider(
     assert meta["answered_by_provider"] == "anthropic"
     assert meta["attempted_providers"] == ["openai", "anthropic"]
     assert meta["attempts"] == 2
+    assert (data["provider"], data["model"]) == ("anthropic", meta["answered_by_model"])
+    assert meta["answered_by_model"].startswith("claude")
     assert cost["data"]["provider"] == "anthropic"
     assert [r.api for r in server.requests] == ["openai", "anthropic"]
     assert kafka.of(kafka.topics.failure) == []

@@ -11,6 +11,7 @@ import pytest
 
 from contracts import ErrorCode
 from worker.errors import ProviderError
+from worker.orchestrate import falls_back
 from worker.providers.http import (
     HttpEndpoint,
     HttpxSender,
@@ -247,6 +248,42 @@ def test_openrouter_402_for_spent_credits_is_a_spent_quota_not_a_provider_fault(
     assert (
         err.code is ErrorCode.RATE_LIMIT and err.retryable is False
     )  # falls back; the breaker does not count it
+
+
+def test_anthropic_400_for_a_credit_balance_too_low_is_a_spent_quota_not_a_bad_request() -> None:
+    doc = {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "Your credit balance is too low to access the Anthropic API. Please go to Plans & "
+            "Billing to upgrade or purchase credits.",
+        },
+    }
+    err = classify_error("anthropic", 400, body(doc), {})
+    assert err.code is ErrorCode.RATE_LIMIT and err.retryable is False
+    assert falls_back(err)
+
+
+@pytest.mark.parametrize("limit", ["free-models-per-day", "free-models-per-day-high-balance"])
+def test_openrouter_429_for_its_daily_free_model_limit_is_a_spent_quota(limit: str) -> None:
+    doc = {"error": {"message": f"Rate limit exceeded: {limit}. Add 10 credits", "code": 429}}
+    err = classify_error("openrouter", 429, body(doc), {})
+    assert err.code is ErrorCode.RATE_LIMIT and err.retryable is False
+    per_minute = {"error": {"message": "Rate limit exceeded: free-models-per-min.", "code": 429}}
+    assert classify_error("openrouter", 429, body(per_minute), {}).retryable is True
+
+
+def test_anthropic_400_for_input_plus_max_tokens_over_the_context_is_content_too_long() -> None:
+    doc = {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, "
+            "decrease input length or `max_tokens` and try again",
+        },
+    }
+    err = classify_error("anthropic", 400, body(doc), {})
+    assert err.code is ErrorCode.CONTENT_TOO_LONG and err.retryable is False
 
 
 def test_openai_429_for_a_request_larger_than_the_whole_minute_quota_is_not_retried() -> None:

@@ -53,6 +53,7 @@ _TOO_LONG_HINTS = (
     "input token count",
     "exceeds the maximum number of tokens",
     "request_too_large",
+    "exceed context limit",  # Anthropic: "input length and `max_tokens` exceed context limit: a + b > c"
 )
 # invalid_prompt: OpenAI's reasoning models' "your prompt was flagged as potentially violating our usage
 # policy".
@@ -60,8 +61,18 @@ _POLICY_HINTS = ("content_policy_violation", "content_filter", "safety", "invali
 # A 429 for a spent quota: codes, not words of the message (Gemini's per-minute 429 says "check your plan
 # and billing details" too). Gemini's is told by its QuotaFailure: a per-day quota.
 # OpenAI's "Request too large for <model> ... on tokens per min" is a request bigger than the whole
-# per-minute quota: never admitted, however long it waits.
-_QUOTA_SPENT_HINTS = ("insufficient_quota", "enforced_spend_limit_reached", "perday", "request too large")
+# per-minute quota: never admitted, however long it waits. OpenRouter's daily limit of free-model requests
+# says "free-models-per-day" (or "...-per-day-high-balance").
+_QUOTA_SPENT_HINTS = (
+    "insufficient_quota",
+    "enforced_spend_limit_reached",
+    "perday",
+    "per-day",
+    "request too large",
+)
+# Anthropic's account out of credit is a 400 invalid_request_error: "Your credit balance is too low to access
+# the Anthropic API...". A spent quota, like OpenRouter's 402, not a fault of the request.
+_CREDIT_SPENT_HINTS = ("credit balance is too low",)
 
 
 @functools.cache
@@ -311,7 +322,9 @@ def _code_for(status: int, hints: str) -> tuple[ErrorCode, bool]:
         return ErrorCode.AUTHENTICATION_ERROR, False
     if status == 429:
         return ErrorCode.RATE_LIMIT, not any(h in hints for h in _QUOTA_SPENT_HINTS)
-    if status == 402:  # OpenRouter's credits spent: a spent quota (falls back), not an unhealthy provider
+    if status == 402 or (status == 400 and any(h in hints for h in _CREDIT_SPENT_HINTS)):
+        # Credits spent (OpenRouter's 402, Anthropic's 400): a spent quota (falls back), not an unhealthy
+        # provider nor a bad request.
         return ErrorCode.RATE_LIMIT, False
     if status == 408:
         return ErrorCode.TIMEOUT, True
