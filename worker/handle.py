@@ -108,7 +108,11 @@ class Handler:
             job, callback, events = None, exc.callback_topic, self._invalid_events(exc)
         if job is not None:
             callback = job.callback_topic
-            stored = await self.outcomes.get(job.request_id)
+            try:
+                stored = await self.outcomes.get(job.request_id)
+            except Exception as exc:  # a stored record this code cannot read (what made it poison, maybe)
+                log.error("stored outcome unreadable; answering INTERNAL_ERROR", extra={"error": repr(exc)})
+                stored = None
             if stored is not None:
                 events = stored.to_replay()
             else:

@@ -14,10 +14,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
+from redis.asyncio import Redis
 
 from contracts import utc_now
 from tests.conftest import (
     BOOTSTRAP,
+    REDIS_URL,
     WorkerProcess,
     committed_offsets,
     free_port,
@@ -623,6 +625,31 @@ async def test_a_poison_requests_error_result_is_stored_so_retries_and_redeliver
     assert len({r["event_id"] for r in results}) == 1
     assert {r["data"]["error_detail"]["error_code"] for r in results} == {"PROCESSING_ERROR"}
     assert len(kafka.of(kafka.topics.dlq)) == 1
+
+
+async def test_a_request_whose_stored_outcome_is_unreadable_is_dead_lettered_and_answered(
+    prefix, topics_for, kafka_for
+):
+    # A record in the outcome store this code cannot decode (another version's format, say): the lookup
+    # fails on every attempt, so the request is poison; its DLQ record and an INTERNAL_ERROR result go
+    # out, and the offset finishes (the poison path's own lookup used to fail too, retried for ever).
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await redis.set(f"{prefix}:outcome:unreadable-1", b'{"not": "the format"}\nxyz', ex=60)
+    finally:
+        await redis.aclose()
+    async with running_worker(settings) as runtime:
+        await kafka.send(request_envelope(request_id="unreadable-1"))
+        [result] = await kafka.wait_for(kafka.topics.comparison_result, 1, timeout_s=30)
+        [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 1}
+        assert runtime.providers["mock"].calls == 0
+    assert result["data"]["error_detail"]["error_code"] == "PROCESSING_ERROR"
+    assert dlq["source"]["offset"] == 0 and dlq["error"].startswith("processing failed: ")
 
 
 async def test_a_poison_message_whose_result_takes_retries_to_land_is_dead_lettered_once(
