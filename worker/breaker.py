@@ -4,7 +4,13 @@ all succeed, or opens again on the first failure. State is exported as a gauge (
 2 open). Only failures that say the provider is unhealthy count (see COUNTED); a refusal, a bad answer or
 our own deadline does not, unless it cut a call that had run `slow_call_s` already (see `cut`): a provider
 that hangs then opens its breaker under deadlines of at least that long, though shorter than the HTTP read
-timeout."""
+timeout.
+
+A call's result moves the breaker only in the state it was let through in: try_acquire hands out the
+state's ticket (its generation, counted up at every change). A call let through before the breaker opened
+that ends after it went half-open neither closes it (its probe still out) nor reopens it nor frees the
+probe's slot: with the HTTP read timeout longer than `recovery_s`, calls that hung before the open would
+otherwise keep reopening the breaker of a provider that has recovered."""
 
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probes_out = 0
         self._probes_ok = 0
+        self._generation = 1
         self._publish()
 
     @property
@@ -59,21 +66,24 @@ class CircuitBreaker:
             self._move(BreakerState.HALF_OPEN)
         return self._state
 
-    def try_acquire(self) -> bool:
-        """May a call go through now? In half-open this takes one probe slot; pair it with record/release."""
+    def try_acquire(self) -> int | None:
+        """May a call go through now? Its ticket (pass it to record, cut or release), or None. In half-open
+        this takes one probe slot."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return True
+            return self._generation
         if (
             state is BreakerState.HALF_OPEN
             and self._probes_out + self._probes_ok < self.policy.half_open_probes
         ):
             self._probes_out += 1
-            return True
-        return False
+            return self._generation
+        return None
 
-    def record(self, code: ErrorCode | None) -> None:
-        """The call that try_acquire let through ended with `code` (None = success)."""
+    def record(self, code: ErrorCode | None, ticket: int) -> None:
+        """The call that try_acquire let through with `ticket` ended with `code` (None = success)."""
+        if ticket != self._generation:  # let through in an earlier state: says nothing of this one
+            return
         failed = code in COUNTED
         if self._state is BreakerState.HALF_OPEN:
             self._probes_out = max(0, self._probes_out - 1)
@@ -92,18 +102,18 @@ class CircuitBreaker:
             if len(self._failures) >= self.policy.failure_threshold:
                 self._open()
 
-    def cut(self, ran_s: float) -> bool:
+    def cut(self, ran_s: float, ticket: int) -> bool:
         """Our deadline cut the call after `ran_s`: a timeout if it had run `slow_call_s` (True: the provider
         hangs), else as if it had never reached the provider."""
         if 0 < self.policy.slow_call_s <= ran_s:
-            self.record(ErrorCode.TIMEOUT)
+            self.record(ErrorCode.TIMEOUT, ticket)
             return True
-        self.release()
+        self.release(ticket)
         return False
 
-    def release(self) -> None:
+    def release(self, ticket: int) -> None:
         """The call that try_acquire let through never reached the provider (or was cut by our deadline)."""
-        if self._state is BreakerState.HALF_OPEN:
+        if self._state is BreakerState.HALF_OPEN and ticket == self._generation:
             self._probes_out = max(0, self._probes_out - 1)
 
     def _open(self) -> None:
@@ -112,6 +122,7 @@ class CircuitBreaker:
 
     def _move(self, state: BreakerState) -> None:
         self._state = state
+        self._generation += 1
         self._failures.clear()
         self._probes_out = self._probes_ok = 0
         metrics.labelled(metrics.BREAKER_TRANSITIONS, self.provider, state.value).inc()

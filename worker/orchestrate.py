@@ -364,7 +364,8 @@ class Orchestrator:
         """One pass through breaker, limiter and provider. Raises the call's WorkerError."""
         if deadline_s is not None and self.clock() >= deadline_s:
             raise RequestRejected(ErrorCode.EXPIRED, "deadline passed before the provider was called")
-        if not breaker.try_acquire():
+        ticket = breaker.try_acquire()
+        if ticket is None:
             metrics.labelled(metrics.ATTEMPTS, call.provider, "breaker_open").inc()
             raise ProviderError(
                 ErrorCode.PROVIDER_UNAVAILABLE, "circuit breaker open: failing fast", provider=call.provider
@@ -376,12 +377,12 @@ class Orchestrator:
                 else None
             )
         except BaseException:
-            breaker.release()
+            breaker.release(ticket)
             raise
         if grant is not None and deadline_s is not None and self.clock() >= deadline_s:
             # Capacity came too late: no call, and its token estimate is given back.
             await self.limiter.settle(grant, None)  # type: ignore[union-attr]
-            breaker.release()
+            breaker.release(ticket)
             raise RequestRejected(ErrorCode.EXPIRED, "deadline passed while waiting for rate-limit capacity")
         answer: Answer | None = None
         error: WorkerError | None = None
@@ -418,7 +419,7 @@ class Orchestrator:
         finally:
             duration_s = time.perf_counter() - t0
             if answer is None and error is None:  # cancelled: not the provider's fault, usage unknown
-                breaker.release()
+                breaker.release(ticket)
                 if grant is not None and self.limiter is not None:
                     self.limiter.release_slots(grant)
                 estimate = _cut_usage(call)
@@ -435,12 +436,12 @@ class Orchestrator:
             used = usage.total_tokens if usage else grant.tokens if unanswered else None
             await self.limiter.settle(grant, used)
         if cut:  # by our deadline: the provider's fault only if it had run past the slow-call bound
-            if breaker.cut(duration_s):
+            if breaker.cut(duration_s, ticket):
                 self.router.observe_latency(call.provider, duration_s)
         elif error is not None and error.code is ErrorCode.EXPIRED:
-            breaker.release()
+            breaker.release(ticket)
         else:
-            breaker.record(error.code if error else None)
+            breaker.record(error.code if error else None, ticket)
             self.router.observe_latency(call.provider, duration_s)
         estimated = usage is None and unanswered
         if estimated:

@@ -23,8 +23,9 @@ def breaker(clock: Clock, threshold: int = 3, window_s: float = 10, recovery_s: 
 
 def fail(b: CircuitBreaker, n: int, code: ErrorCode = FAIL) -> None:
     for _ in range(n):
-        assert b.try_acquire()
-        b.record(code)
+        ticket = b.try_acquire()
+        assert ticket is not None
+        b.record(code, ticket)
 
 
 def test_opens_after_threshold_failures_within_the_window() -> None:
@@ -77,10 +78,11 @@ def test_half_open_closes_when_all_probes_succeed() -> None:
     b = breaker(clock, probes=2)
     fail(b, 3)
     clock.now += 5
-    assert b.try_acquire() and b.try_acquire()
-    b.record(None)
+    first, second = b.try_acquire(), b.try_acquire()
+    assert first is not None and second is not None
+    b.record(None, first)
     assert b.state is BreakerState.HALF_OPEN
-    b.record(None)
+    b.record(None, second)
     assert b.state is BreakerState.CLOSED
     assert b.try_acquire()
 
@@ -101,9 +103,10 @@ def test_released_probe_frees_its_slot() -> None:
     b = breaker(clock)
     fail(b, 3)
     clock.now += 5
-    assert b.try_acquire()
+    probe = b.try_acquire()
+    assert probe is not None
     assert not b.try_acquire()
-    b.release()
+    b.release(probe)
     assert b.try_acquire()
 
 
@@ -124,9 +127,43 @@ def test_a_half_open_probe_cut_by_a_deadline_reopens_only_when_it_had_run_the_sl
     b = CircuitBreaker("p", BreakerPolicy(3, 10, 5, 1, slow_call_s=2.0), clock)
     fail(b, 3)
     clock.now += 5
-    assert b.try_acquire() and not b.try_acquire()  # the one probe is out
-    assert b.cut(1.9) is False  # cut early: the probe is given back, not counted
+    probe = b.try_acquire()
+    assert probe is not None and not b.try_acquire()  # the one probe is out
+    assert b.cut(1.9, probe) is False  # cut early: the probe is given back, not counted
     assert b.state is BreakerState.HALF_OPEN
-    assert b.try_acquire()
-    assert b.cut(2.0) is True  # it had hung past the bound: a timeout
+    probe = b.try_acquire()
+    assert probe is not None
+    assert b.cut(2.0, probe) is True  # it had hung past the bound: a timeout
     assert b.state is BreakerState.OPEN
+
+
+def test_a_call_let_through_before_the_open_does_not_close_a_half_open_breaker() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    stale = b.try_acquire()  # closed: a call goes out and hangs
+    assert stale is not None
+    fail(b, 3)
+    clock.now += 5
+    probe = b.try_acquire()
+    assert probe is not None and b.state is BreakerState.HALF_OPEN
+    b.record(None, stale)  # it ends well: nothing is known yet of the provider since the open
+    assert b.state is BreakerState.HALF_OPEN and not b.try_acquire()  # the probe is still out
+    b.record(None, probe)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_a_call_let_through_before_the_open_neither_reopens_the_breaker_nor_frees_the_probe() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    hung, cut = b.try_acquire(), b.try_acquire()
+    assert hung is not None and cut is not None
+    fail(b, 3)
+    clock.now += 5
+    probe = b.try_acquire()
+    assert probe is not None
+    b.record(FAIL, hung)  # timed out long after it was sent, before the breaker opened
+    assert b.state is BreakerState.HALF_OPEN
+    b.release(cut)  # cut by a deadline: the probe's slot stays taken
+    assert not b.try_acquire()
+    b.record(None, probe)
+    assert b.state is BreakerState.CLOSED
