@@ -491,7 +491,7 @@ class Handler:
 
 
 #: Error details for the worker itself, not the wire.
-_INTERNAL_DETAILS = frozenset({"usage", "cache_write_tokens", "unanswered"})
+_INTERNAL_DETAILS = frozenset({"usage", "cache_write_tokens", "cache_write_1h_tokens", "unanswered"})
 
 
 def _deadline_monotonic(job: Job) -> float | None:

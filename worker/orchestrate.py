@@ -468,12 +468,13 @@ class Orchestrator:
         (calls_ok if answer else calls_error).inc()
         attempts.inc()
         model = answer.model if answer else call.model
-        written = (
-            answer.cache_write_tokens
-            if answer
-            else int((error.details if error else {}).get("cache_write_tokens", 0))
-        )
-        cost = self._cost(model, usage, written) if usage else None
+        if answer:
+            written, written_1h = answer.cache_write_tokens, answer.cache_write_1h_tokens
+        else:
+            details = error.details if error else {}
+            written = int(details.get("cache_write_tokens", 0))
+            written_1h = int(details.get("cache_write_1h_tokens", 0))
+        cost = self._cost(model, usage, written, written_1h) if usage else None
         outcome.attempts.append(
             Attempt(
                 call.provider,
@@ -487,8 +488,10 @@ class Orchestrator:
             )
         )
 
-    def _cost(self, model: str, usage: TokenUsage, cache_write_tokens: int = 0) -> Cost:
-        cost = self.prices.cost(model, usage, cache_write_tokens)
+    def _cost(
+        self, model: str, usage: TokenUsage, cache_write_tokens: int = 0, cache_write_1h_tokens: int = 0
+    ) -> Cost:
+        cost = self.prices.cost(model, usage, cache_write_tokens, cache_write_1h_tokens)
         if not cost.price_known:
             metrics.labelled(metrics.PRICE_UNKNOWN, _unpriced_label(model)).inc()
         return cost

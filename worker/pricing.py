@@ -20,6 +20,8 @@ class ModelPrice:
     cached_input: float | None = None
     reasoning: float | None = None
     cache_write: float | None = None
+    #: Prompt-cache writes kept an hour (Anthropic: 2x input); cache_write's rate when not given.
+    cache_write_1h: float | None = None
 
 
 @dataclass(slots=True)  # not frozen: see providers/base.py, ComparisonCall
@@ -37,9 +39,12 @@ class PriceTable:
         raw = json.loads(Path(path or _DEFAULT_TABLE).read_text())
         return cls({name: ModelPrice(**entry) for name, entry in raw["models"].items()})
 
-    def cost(self, model: str, usage: TokenUsage, cache_write_tokens: int = 0) -> Cost:
+    def cost(
+        self, model: str, usage: TokenUsage, cache_write_tokens: int = 0, cache_write_1h_tokens: int = 0
+    ) -> Cost:
         """prompt_tokens include cached reads and cache writes; completion_tokens include reasoning.
-        cache_write_tokens (Anthropic cache_creation_input_tokens) are billed at cache_write when priced."""
+        cache_write_tokens (Anthropic cache_creation_input_tokens) are billed at cache_write when priced;
+        cache_write_1h_tokens, the part of them written for an hour, at cache_write_1h."""
         price = self.prices.get(model)
         if price is None:
             return Cost(0.0, price_known=False)
@@ -51,12 +56,15 @@ class PriceTable:
         cached_rate = price.cached_input if price.cached_input is not None else price.input
         written = min(cache_write_tokens, usage.prompt_tokens - cached)
         write_rate = price.cache_write if price.cache_write is not None else price.input
+        written_1h = min(cache_write_1h_tokens, written)
+        write_1h_rate = price.cache_write_1h if price.cache_write_1h is not None else write_rate
         reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
         reasoning_rate = price.reasoning if price.reasoning is not None else price.output
         usd = (
             (usage.prompt_tokens - cached - written) * price.input
             + cached * cached_rate
-            + written * write_rate
+            + (written - written_1h) * write_rate
+            + written_1h * write_1h_rate
             + (usage.completion_tokens - reasoning) * price.output
             + reasoning * reasoning_rate
         ) / 1_000_000

@@ -9,7 +9,7 @@ import pytest
 from contracts import ErrorCode, ProviderName
 from worker.errors import ProviderError
 from worker.orchestrate import Orchestrator
-from worker.pricing import PriceTable
+from worker.pricing import ModelPrice, PriceTable
 from worker.providers.anthropic import AnthropicProvider
 from worker.providers.base import ComparisonCall
 
@@ -24,7 +24,7 @@ USAGE = {
 EXPECTED_USD = 0.0054
 
 
-def _body(stop_reason: str, with_tool: bool) -> bytes:
+def _body(stop_reason: str, with_tool: bool, usage: dict[str, object] = USAGE) -> bytes:
     content = [
         {
             "type": "tool_use",
@@ -34,7 +34,7 @@ def _body(stop_reason: str, with_tool: bool) -> bytes:
         }
     ]
     return json.dumps(
-        {"model": MODEL, "content": content if with_tool else [], "stop_reason": stop_reason, "usage": USAGE}
+        {"model": MODEL, "content": content if with_tool else [], "stop_reason": stop_reason, "usage": usage}
     ).encode()
 
 
@@ -77,3 +77,33 @@ async def test_cache_writes_are_billed_at_the_cache_write_rate(stop_reason: str,
     if stop_reason == "max_tokens":
         assert isinstance(outcome.error, ProviderError)
         assert outcome.error.code is ErrorCode.PARSING_ERROR
+
+
+# Of the 1000 written, 600 for an hour (ttl "1h", billed at 2x input: 6.00 / 1M) and 400 for 5 minutes:
+# (3100 - 2000 - 1000) * 3.00 + 2000 * 0.30 + 400 * 3.75 + 600 * 6.00 + 50 * 15.00 = 6750 -> per 1M
+USAGE_1H = {
+    **USAGE,
+    "cache_creation": {"ephemeral_5m_input_tokens": 400, "ephemeral_1h_input_tokens": 600},
+}
+
+
+@pytest.mark.parametrize(("stop_reason", "with_tool"), [("tool_use", True), ("max_tokens", False)])
+async def test_cache_writes_kept_an_hour_are_billed_at_the_1h_rate(stop_reason: str, with_tool: bool) -> None:
+    orchestrator = Orchestrator(
+        {"anthropic": Canned(_body(stop_reason, with_tool, USAGE_1H))},
+        PriceTable.load(),
+        ProviderName.ANTHROPIC,
+    )
+    outcome = await orchestrator.run(CALL, None)
+    [attempt] = outcome.attempts
+    assert attempt.cost is not None
+    assert attempt.cost.usd == pytest.approx(0.00675)
+    if outcome.error is not None:  # the internal counts are not emitted
+        assert "cache_write_1h_tokens" in outcome.error.details
+
+
+def test_a_price_without_a_1h_rate_bills_those_writes_at_the_cache_write_rate() -> None:
+    answer = AnthropicProvider(MODEL, http=None).read_answer(_body("tool_use", True, USAGE_1H), MODEL)  # type: ignore[arg-type]
+    assert (answer.cache_write_tokens, answer.cache_write_1h_tokens) == (1000, 600)
+    table = PriceTable({MODEL: ModelPrice(input=3.0, output=15.0, cached_input=0.3, cache_write=3.75)})
+    assert table.cost(MODEL, answer.usage, 1000, 600).usd == pytest.approx(EXPECTED_USD)

@@ -51,11 +51,19 @@ class _Block(BaseModel):
     input: Any = None
 
 
+class _CacheCreation(BaseModel):
+    """The cache writes by lifetime (usage.cache_creation): a 1h write is billed at 2x input, 5m at 1.25x."""
+
+    ephemeral_1h_input_tokens: NonNegativeInt | None = 0
+    ephemeral_5m_input_tokens: NonNegativeInt | None = 0
+
+
 class _Usage(BaseModel):
     input_tokens: NonNegativeInt = 0
     output_tokens: NonNegativeInt = 0
     cache_creation_input_tokens: NonNegativeInt | None = 0
     cache_read_input_tokens: NonNegativeInt | None = 0
+    cache_creation: _CacheCreation | None = None
 
     def normalised(self) -> TokenUsage:
         """prompt_tokens counts every input token (uncached, cache writes, cache reads)."""
@@ -121,6 +129,8 @@ class AnthropicProvider:
         message = parse_response(_Message, body, self.name, "a message")
         usage = message.usage.normalised() if message.usage else TokenUsage()
         written = (message.usage.cache_creation_input_tokens or 0) if message.usage else 0
+        by_ttl = message.usage.cache_creation if message.usage else None
+        written_1h = min(written, (by_ttl.ephemeral_1h_input_tokens or 0) if by_ttl else 0)
         try:
             if message.stop_reason == "max_tokens":
                 raise billed_failure(
@@ -144,8 +154,9 @@ class AnthropicProvider:
             answer = parse_billed_answer(tool.input, requested_model, usage, self.name)
         except ProviderError as exc:
             exc.details["cache_write_tokens"] = written
+            exc.details["cache_write_1h_tokens"] = written_1h
             raise
-        return replace(answer, cache_write_tokens=written)
+        return replace(answer, cache_write_tokens=written, cache_write_1h_tokens=written_1h)
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -62,6 +62,8 @@ class Answer:
     #: Input tokens written to the provider's prompt cache (Anthropic bills them at a higher rate); they
     #: are inside usage.prompt_tokens too. Internal only: the wire TokenUsage has no such field.
     cache_write_tokens: int = 0
+    #: Of those, the ones written for an hour (Anthropic's ttl "1h": billed at a higher rate than 5 minutes).
+    cache_write_1h_tokens: int = 0
 
 
 class Provider(Protocol):
