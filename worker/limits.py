@@ -40,7 +40,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from contracts import ErrorCode
+from contracts import ErrorCode, TokenUsage
 from worker import metrics
 from worker.errors import ProviderError
 from worker.providers.base import ComparisonCall
@@ -161,6 +161,18 @@ def estimate_prompt_tokens(call: ComparisonCall) -> int:
 
 def estimate_tokens(call: ComparisonCall) -> int:
     return estimate_prompt_tokens(call) + (call.max_tokens or DEFAULT_OUTPUT_ESTIMATE)
+
+
+#: Providers whose per-minute token limits leave prompt-cache reads out: Anthropic's input-tokens-per-minute
+#: limit counts uncached input and cache writes (for most models), not cache reads.
+_CACHE_READS_NOT_RATE_COUNTED = frozenset({"anthropic"})
+
+
+def rate_counted_tokens(provider: str, usage: TokenUsage) -> int:
+    """The tokens of a finished call that count against its provider's per-minute token limit."""
+    if provider in _CACHE_READS_NOT_RATE_COUNTED:
+        return usage.total_tokens - usage.cached_tokens
+    return usage.total_tokens
 
 
 @dataclass(frozen=True, slots=True)

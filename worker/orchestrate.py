@@ -31,7 +31,7 @@ from contracts import ErrorCode, LLMComparisonRequestV1, ProviderName, TokenUsag
 from worker import metrics
 from worker.breaker import BreakerPolicy, Breakers, CircuitBreaker
 from worker.errors import ProviderError, RequestRejected, WorkerError
-from worker.limits import Limiter, estimate_prompt_tokens, estimate_tokens, parse_limits
+from worker.limits import Limiter, estimate_prompt_tokens, estimate_tokens, parse_limits, rate_counted_tokens
 from worker.metrics import HistogramTally, Tally
 from worker.pricing import Cost, PriceTable
 from worker.providers.base import DEFAULT_SYSTEM_PROMPT, Answer, ComparisonCall, Provider
@@ -433,7 +433,9 @@ class Orchestrator:
         # rate limits count it, and it may bill it).
         unanswered = cut or bool(error is not None and error.details.get("unanswered"))
         if grant is not None and self.limiter is not None:
-            used = usage.total_tokens if usage else grant.tokens if unanswered else None
+            used = (
+                rate_counted_tokens(call.provider, usage) if usage else grant.tokens if unanswered else None
+            )
             await self.limiter.settle(grant, used)
         if cut:  # by our deadline: the provider's fault only if it had run past the slow-call bound
             if breaker.cut(duration_s, ticket):

@@ -1,4 +1,5 @@
-"""Anthropic prompt-cache writes are billed at the cache-write rate, on answers and billed failures."""
+"""Anthropic prompt-cache writes are billed at the cache-write rate (5 minutes or 1 hour), on answers and
+billed failures; cache reads do not count against its per-minute token limit."""
 
 from __future__ import annotations
 
@@ -107,3 +108,33 @@ def test_a_price_without_a_1h_rate_bills_those_writes_at_the_cache_write_rate() 
     assert (answer.cache_write_tokens, answer.cache_write_1h_tokens) == (1000, 600)
     table = PriceTable({MODEL: ModelPrice(input=3.0, output=15.0, cached_input=0.3, cache_write=3.75)})
     assert table.cost(MODEL, answer.usage, 1000, 600).usd == pytest.approx(EXPECTED_USD)
+
+
+class RecordingLimiter:
+    """Grants every call; records the tokens each call's settle counts against the provider's limit."""
+
+    def __init__(self) -> None:
+        self.used: list[int | None] = []
+
+    async def acquire(self, provider: str, model: str, tokens: int, deadline_s: float | None = None):  # type: ignore[no-untyped-def]
+        return type("Grant", (), {"tokens": tokens})()
+
+    async def settle(self, grant: object, used: int | None) -> None:
+        self.used.append(used)
+
+    def release_slots(self, grant: object) -> None:
+        return None
+
+
+async def test_cache_reads_do_not_count_against_anthropics_token_rate_limit() -> None:
+    # Anthropic's input-tokens-per-minute limit leaves cache reads out: of 3150 tokens, 2000 were read.
+    limiter = RecordingLimiter()
+    orchestrator = Orchestrator(
+        {"anthropic": Canned(_body("tool_use", True))},
+        PriceTable.load(),
+        ProviderName.ANTHROPIC,
+        limiter=limiter,  # type: ignore[arg-type]
+    )
+    outcome = await orchestrator.run(CALL, None)
+    assert outcome.answer is not None
+    assert limiter.used == [3150 - 2000]
