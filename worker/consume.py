@@ -82,6 +82,9 @@ class ConsumeLoop:
         self._epoch = 0
         self._paused = False
         self._revoking: set[TopicPartition] = set()
+        #: Partitions paused because a request at their watermark does not finish while the ones after it
+        #: do: fetching from them resumes once half of what was taken past it has been committed.
+        self._held: set[TopicPartition] = set()
         self._finished_since_commit = 0
         self._capacity = asyncio.Event()
         self._commit_soon = asyncio.Event()
@@ -129,7 +132,7 @@ class ConsumeLoop:
                 # for dead (max.poll.interval.ms) however long the provider calls take.
                 self.consumer.pause(*self.consumer.assignment())
                 await self._getmany(timeout_ms=0)
-                self.consumer.resume(*self.consumer.assignment())
+                self.consumer.resume(*(self.consumer.assignment() - self._held))
             return
         if self._paused:
             self._set_backpressure(False)
@@ -146,6 +149,8 @@ class ConsumeLoop:
                 continue  # revoked while fetched: the next owner reads these again
             for record in records:
                 self._start(tp, tracker, record)
+            if tracker.span >= self.flow.max_uncommitted_per_partition:
+                self._hold(tp, tracker)
 
     async def _getmany(
         self, timeout_ms: int, max_records: int | None = None
@@ -227,6 +232,8 @@ class ConsumeLoop:
             tracker = self.trackers.get(tp)
             if tracker is not None and tracker.epoch == epoch:
                 tracker.finish(offset)
+                if self._held and tp in self._held:
+                    self._release_if_caught_up(tp, tracker)
                 self._finished_since_commit += 1
                 if self._finished_since_commit >= self.flow.commit_every:
                     self._commit_soon.set()
@@ -234,6 +241,33 @@ class ConsumeLoop:
             self._capacity.set()
 
     # ---- backpressure ----------------------------------------------------------------------------------
+
+    def _hold(self, tp: TopicPartition, tracker: PartitionTracker) -> None:
+        """Stop fetching from a partition whose watermark is stuck behind a request that does not finish
+        while the ones after it do: memory stays bounded, and so does what a restart would redo (those
+        finished past it are replayed from the outcome store only while their records live)."""
+        if tp in self._held:
+            return
+        self._held.add(tp)
+        self.consumer.pause(tp)
+        metrics.HELD_PARTITIONS.set(len(self._held))
+        log.warning(
+            "partition held: its lowest unfinished request does not finish",
+            extra={
+                "partition": tp.partition,
+                "offset": tracker.committable(),
+                "span": tracker.span,
+            },
+        )
+
+    def _release_if_caught_up(self, tp: TopicPartition, tracker: PartitionTracker) -> None:
+        if tracker.span > self.flow.max_uncommitted_per_partition // 2:
+            return
+        self._held.discard(tp)
+        metrics.HELD_PARTITIONS.set(len(self._held))
+        if tp in self.consumer.assignment():
+            self.consumer.resume(tp)
+        log.info("partition released", extra={"partition": tp.partition, "span": tracker.span})
 
     def _set_backpressure(self, on: bool) -> None:
         if on != self._paused:
@@ -305,6 +339,9 @@ class ConsumeLoop:
                     task.cancel()
                 self.trackers.pop(tp, None)
             self._revoking.difference_update(mine)
+            if self._held & set(mine):  # a new assignment starts unpaused
+                self._held.difference_update(mine)
+                metrics.HELD_PARTITIONS.set(len(self._held))
         log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in mine)})
 
     async def _commit_bounded(self, only: list[TopicPartition] | None, when: str) -> None:

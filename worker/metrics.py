@@ -10,6 +10,10 @@ from prometheus_client import Counter, Gauge, Histogram
 REQUESTS = Counter("llm_worker_requests_total", "Terminal outcomes", ["outcome", "provider", "code"])
 IN_FLIGHT = Gauge("llm_worker_in_flight", "Requests admitted and not finished")
 PAUSED = Gauge("llm_worker_consumer_paused", "1 while the in-flight window is full and no records are taken")
+HELD_PARTITIONS = Gauge(
+    "llm_worker_partitions_held",
+    "Partitions not fetched from: MAX_UNCOMMITTED_PER_PARTITION records taken past an unfinished one",
+)
 COMMITS = Counter("llm_worker_commits_total", "Offset commits", ["result"])
 REDELIVERED = Counter("llm_worker_redelivered_total", "Requests answered from the idempotency store")
 IDEMPOTENCY_DEGRADED = Counter(

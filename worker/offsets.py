@@ -9,8 +9,8 @@ requests that finished above the gap are redone (idempotency makes those cheap).
 
 Data structure: `_pending` is a deque of admitted-but-not-yet-retired offsets in admission order, and
 `_finished` the subset of them that completed. Retiring pops finished offsets off the front, so each offset
-is pushed and popped once: O(1) amortized per message, memory bounded by the in-flight window (plus any
-finished offsets stuck behind a slow one).
+is pushed and popped once: O(1) amortized per message, memory bounded by the in-flight window plus the
+finished offsets stuck behind a slow one (`span`, which the consumer caps per partition).
 
 `epoch` identifies one ownership period of the partition. After a revocation the tracker is dropped; a
 task that still completes for an old epoch must not touch the new tracker (its offset may be redone by the
@@ -55,6 +55,12 @@ class PartitionTracker:
     def needs_commit(self) -> bool:
         target = self.committable()
         return target is not None and target != self.committed
+
+    @property
+    def span(self) -> int:
+        """Offsets admitted at or past the committable one: the unfinished ones and those finished behind
+        the lowest of them (each redone after a crash)."""
+        return len(self._pending)
 
     @property
     def in_flight(self) -> int:

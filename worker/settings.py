@@ -57,6 +57,12 @@ class FlowSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     rebalance_grace_seconds: float = Field(default=10.0, ge=0)
     poison_max_attempts: int = Field(default=3, ge=1)
+    max_uncommitted_per_partition: int = Field(
+        default=100_000,
+        ge=1,
+        description="Records of a partition taken at or past its lowest unfinished one (the commit point) "
+        "before fetching from it pauses; it resumes when they are down to half.",
+    )
 
 
 class ServiceSettings(BaseSettings):

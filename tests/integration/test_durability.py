@@ -28,6 +28,7 @@ from tests.conftest import (
     running_worker,
     worker_env,
 )
+from worker import metrics
 from worker.consume import ConsumeLoop, Handle, Poison
 from worker.settings import Settings
 
@@ -95,6 +96,46 @@ async def test_commit_stays_at_lowest_unfinished_offset_until_it_finishes(prefix
         await _until(lambda: len(finished) == 100, what="offset 0 to finish")
         await loop.commit()
         assert await committed_offsets(settings, 1) == {0: 100}
+    finally:
+        loop.stop()
+        await task
+
+
+async def test_a_partition_stuck_behind_one_request_stops_being_fetched_past_the_cap_then_resumes(
+    prefix, topics_for, kafka_for
+):
+    # Offset 0 does not finish while those after it do: without a cap every later record would be taken
+    # and kept (memory, and what a restart redoes, growing for as long as it lasts).
+    settings = make_settings(prefix, partitions=1, max_in_flight=200, max_uncommitted_per_partition=20)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    for i in range(100):
+        await kafka.send_raw(b"payload %d" % i)
+    release = asyncio.Event()
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def handle(record: ConsumerRecord) -> None:
+        started.append(record.offset)
+        if record.offset == 0:
+            await release.wait()
+        finished.append(record.offset)
+
+    async def poison(record: ConsumerRecord, error: BaseException) -> None:
+        raise AssertionError("no poison expected")
+
+    loop, task = await _run_loop(settings, handle, poison)
+    try:
+        await _until(lambda: len(finished) >= 19, what="the records up to the cap to finish")
+        await asyncio.sleep(1.0)  # uncapped, the other 80 would be taken and finished by now
+        assert 20 <= len(started) < 40 and len(finished) == len(started) - 1
+        assert metrics.HELD_PARTITIONS._value.get() == 1
+        release.set()
+        await _until(lambda: len(finished) == 100, what="all records once offset 0 finished")
+        await loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 100}
+        assert metrics.HELD_PARTITIONS._value.get() == 0
+        assert sorted(started) == list(range(100))
     finally:
         loop.stop()
         await task

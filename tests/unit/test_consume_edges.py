@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from worker import consume
+from worker import consume, metrics
 from worker.consume import ConsumeLoop
 from worker.settings import FlowSettings
 
@@ -105,3 +105,40 @@ def test_the_rebalance_timeout_covers_heartbeat_grace_and_commit() -> None:
     ms = consume.rebalance_timeout_ms(flow, heartbeat_interval_ms=3000, session_timeout_ms=10_000)
     assert ms >= 3000 + 10_000 + consume.COMMIT_BOUND_S * 1000
     assert consume.rebalance_timeout_ms(FlowSettings(rebalance_grace_seconds=0), 100, 60_000) == 60_000
+
+
+class PausingConsumer(StuckConsumer):
+    """Commits at once; records pause and resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused: set[TopicPartition] = set()
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(offsets)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused.difference_update(tps)
+
+
+async def test_a_held_partition_is_let_go_on_revocation_and_a_new_assignment_is_fetched_from() -> None:
+    consumer = PausingConsumer()
+    loop = ConsumeLoop(
+        consumer, "requests", _nothing, _nothing, FlowSettings(max_uncommitted_per_partition=3)
+    )  # type: ignore[arg-type]
+    loop.on_assigned([TP])
+    tracker = loop.trackers[TP]
+    for offset in range(3):
+        tracker.admit(offset)
+    loop._hold(TP, tracker)
+    assert consumer.paused == {TP} and metrics.HELD_PARTITIONS._value.get() == 1
+    tracker.finish(1)  # offset 0 still open: 3 at or past it, over half the cap
+    loop._release_if_caught_up(TP, tracker)
+    assert consumer.paused == {TP}
+    await loop.on_revoked([TP])
+    assert loop._held == set() and metrics.HELD_PARTITIONS._value.get() == 0
+    loop.on_assigned([TP])  # aiokafka starts a new assignment unpaused; nothing of ours holds it
+    assert TP not in loop._held
