@@ -442,6 +442,11 @@ class Orchestrator:
                 self.router.observe_latency(call.provider, duration_s)
         elif error is not None and error.code is ErrorCode.EXPIRED:
             breaker.release(ticket)
+        elif isinstance(error, RequestRejected):
+            # Refused by the provider's own code before anything was sent (a parameter it does not take):
+            # no call, so no attempt, and nothing for the breaker (in half-open it is not a probe's success).
+            breaker.release(ticket)
+            raise error
         else:
             breaker.record(error.code if error else None, ticket)
             self.router.observe_latency(call.provider, duration_s)

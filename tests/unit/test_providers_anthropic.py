@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from contracts import ErrorCode, PromptBlock, ProviderName, TokenUsage
-from worker.errors import ProviderError
+from worker.breaker import BreakerPolicy, Breakers, BreakerState
+from worker.errors import RequestRejected
+from worker.orchestrate import Orchestrator
+from worker.pricing import PriceTable
 from worker.providers import build_provider
-from worker.providers.anthropic import TOOL_NAME
+from worker.providers.anthropic import TOOL_NAME, AnthropicProvider
 from worker.providers.base import COMPARISON_SCHEMA
 
 from .fake_providers import failure_of, fake_server, make_call, settings_for
@@ -105,7 +108,7 @@ async def test_temperature_above_1_is_rejected_without_a_call() -> None:
     async with fake_server() as (server, url):
         provider = build_provider(ProviderName.ANTHROPIC, settings_for(url))
         assert provider is not None
-        with pytest.raises(ProviderError) as caught:
+        with pytest.raises(RequestRejected) as caught:
             await provider.compare(make_call("anthropic", "claude-haiku-4-5", temperature=1.5))
         await provider.aclose()
     assert caught.value.code is ErrorCode.VALIDATION_ERROR
@@ -151,3 +154,31 @@ async def test_a_stop_at_the_context_window_is_a_billed_content_too_long_not_ret
     assert error.code is ErrorCode.CONTENT_TOO_LONG and error.retryable is False
     assert error.details["provider_error_type"] == "model_context_window_exceeded"
     assert isinstance(error.details["usage"], TokenUsage)
+
+
+class NoHttp:
+    async def post_json(self, *args: object) -> bytes:
+        raise AssertionError("nothing is sent")
+
+
+async def test_a_call_the_provider_refuses_before_sending_is_no_attempt_and_no_probe_success() -> None:
+    # Anthropic takes temperature 0-1: the provider refuses 1.5 before anything is sent. In half-open that
+    # must not close the breaker (nothing is known of the provider) nor count as a call.
+    now = [0.0]
+    breakers = Breakers(BreakerPolicy(failure_threshold=1, recovery_s=5), clock=lambda: now[0])
+    orchestrator = Orchestrator(
+        {"anthropic": AnthropicProvider("claude-haiku-4-5", http=NoHttp())},  # type: ignore[arg-type]
+        PriceTable.load(),
+        ProviderName.ANTHROPIC,
+        breakers=breakers,
+    )
+    breaker = breakers["anthropic"]
+    ticket = breaker.try_acquire()
+    assert ticket is not None
+    breaker.record(ErrorCode.EXTERNAL_SERVICE_ERROR, ticket)
+    now[0] += 5
+    assert breaker.state is BreakerState.HALF_OPEN
+    outcome = await orchestrator.run(make_call("anthropic", "claude-haiku-4-5", temperature=1.5), None)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.VALIDATION_ERROR
+    assert outcome.attempts == []
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.try_acquire() is not None  # probe slot free

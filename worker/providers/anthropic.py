@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, NonNegativeInt
 
 from contracts import ErrorCode, PromptBlock, TokenUsage
-from worker.errors import ProviderError
+from worker.errors import ProviderError, RequestRejected
 from worker.providers.base import COMPARISON_SCHEMA, Answer, ComparisonCall
 from worker.providers.http import HttpEndpoint, billed_failure, parse_billed_answer, parse_response
 
@@ -112,7 +112,7 @@ class AnthropicProvider:
         }
         if call.temperature is not None:
             if call.temperature > 1.0:
-                raise ProviderError(
+                raise RequestRejected(  # before anything is sent: no call is made
                     ErrorCode.VALIDATION_ERROR,
                     "anthropic accepts temperature 0-1",
                     provider=self.name,
