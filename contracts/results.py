@@ -46,13 +46,26 @@ class ErrorDetail(BaseModel):
         return value
 
     @classmethod
-    def from_code(cls, code: ErrorCode, message: str, correlation_id: UUID, **details: Any) -> ErrorDetail:
+    def from_code(
+        cls,
+        code: ErrorCode,
+        message: str,
+        correlation_id: UUID,
+        operation: str = "comparison",
+        **details: Any,
+    ) -> ErrorDetail:
         """Build the wire detail for one of our codes: wire value, retryable flag, expiry reason."""
         details.setdefault("retryable", code.retryable)
         if code is ErrorCode.EXPIRED:
             details.setdefault("reason", "deadline_expired")
         details.setdefault("code", code.value)
-        return cls(error_code=code.wire, message=message, correlation_id=correlation_id, details=details)
+        return cls(
+            error_code=code.wire,
+            message=message,
+            correlation_id=correlation_id,
+            operation=operation,
+            details=details,
+        )
 
 
 class LLMComparisonResultV1(BaseModel):

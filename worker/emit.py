@@ -197,11 +197,17 @@ _DLQ_HEADER_OVERHEAD = 16  # ["", ""], per header, as counted against the budget
 
 
 def make_dlq_record(
-    topic: str, raw: bytes | None, error: str, headers: list[tuple[str, bytes | None]], source: dict[str, Any]
+    topic: str,
+    raw: bytes | None,
+    error: str,
+    headers: list[tuple[str, bytes | None]],
+    source: dict[str, Any],
+    correlation_id: UUID | None = None,
 ) -> Outgoing:
     """A DLQ record: the raw bytes base64 (their full length and SHA-256 alongside), the parse error, the
     original headers, where it came from; header keys and values and raw bytes together at most
-    DLQ_RAW_MAX_BYTES, and the record value at most DLQ_MAX_BYTES."""
+    DLQ_RAW_MAX_BYTES, and the record value at most DLQ_MAX_BYTES. Its correlation id: `correlation_id`
+    (read from the body) when given, else the record's header."""
     raw = raw or b""
     budget = DLQ_RAW_MAX_BYTES  # shared by the headers (kept first: they carry the correlation id)
     kept_headers = []
@@ -231,6 +237,8 @@ def make_dlq_record(
     if len(value) > DLQ_MAX_BYTES:  # headers whose JSON outgrew their bytes: the record without them
         body.update(headers=[], headers_truncated=True)
         value = json.dumps(body).encode()
+    if correlation_id is not None:
+        return Outgoing("dlq", topic, None, value, str(correlation_id))
     cid = next((v.decode(errors="replace") for k, v in headers if k == "correlation_id" and v), "")
     return Outgoing("dlq", topic, None, value, cid[:200])
 

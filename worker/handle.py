@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
+from uuid import UUID
 
 import pydantic_core
 from aiokafka import ConsumerRecord
@@ -457,7 +458,7 @@ class Handler:
     async def _dead_letter(self, record: ConsumerRecord, exc: Unparseable) -> None:
         metrics.labelled(metrics.DLQ, "unparseable").inc()
         log.warning("unparseable message sent to DLQ", extra={"reason": exc.reason, "offset": record.offset})
-        messages = [self._dlq(record, exc.reason)]
+        messages = [self._dlq(record, exc.reason, exc.correlation_id)]
         if exc.correlation_id is not None:
             detail = ErrorDetail.from_code(
                 ErrorCode.VALIDATION_ERROR,
@@ -467,7 +468,7 @@ class Handler:
             )
             provider, model = self._fallback_names(None)
             failure = LLMProviderFailureV1(
-                request_id="",
+                request_id=exc.request_id,
                 correlation_id=exc.correlation_id,
                 provider=provider,
                 model=model,
@@ -476,18 +477,24 @@ class Handler:
             )
             messages.append(
                 make_event(
-                    "failure", self.topics.failure, None, failure, exc.correlation_id, self.service_name
+                    "failure",
+                    self.topics.failure,
+                    exc.request_id or None,
+                    failure,
+                    exc.correlation_id,
+                    self.service_name,
                 )
             )
         await self.emitter.publish(messages)
 
-    def _dlq(self, record: ConsumerRecord, error: str) -> Outgoing:
+    def _dlq(self, record: ConsumerRecord, error: str, correlation_id: UUID | None = None) -> Outgoing:
         source: dict[str, Any] = {
             "topic": record.topic,
             "partition": record.partition,
             "offset": record.offset,
         }
-        return make_dlq_record(self.topics.dlq, record.value, error, list(record.headers or ()), source)
+        headers = list(record.headers or ())
+        return make_dlq_record(self.topics.dlq, record.value, error, headers, source, correlation_id)
 
 
 #: Error details for the worker itself, not the wire.

@@ -40,10 +40,12 @@ class Job:
 
 
 class Unparseable(Exception):
-    def __init__(self, reason: str, correlation_id: UUID | None) -> None:
+    def __init__(self, reason: str, correlation_id: UUID | None, request_id: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.correlation_id = correlation_id
+        #: The caller's request id when one could be read (it names the failure event), else "".
+        self.request_id = request_id
 
 
 class Invalid(Exception):
@@ -118,7 +120,12 @@ def _explain(
     data = doc.get("data")
     if envelope_errors or not isinstance(data, dict) or correlation_id is None:
         fields = sorted({".".join(map(str, e["loc"])) or e["type"] for e in envelope_errors}) or ["data"]
-        return Unparseable(f"not an envelope: invalid {', '.join(fields)}", correlation_id)
+        named = data.get("request_id") if isinstance(data, dict) else None
+        return Unparseable(
+            f"not an envelope: invalid {', '.join(fields)}",
+            correlation_id,
+            named if isinstance(named, str) and 0 < len(named) <= 200 else "",
+        )
     fields = sorted({".".join(map(str, e["loc"][1:])) for e in exc.errors()})
     request_id = data.get("request_id")
     callback = data.get("callback_topic")

@@ -73,6 +73,26 @@ async def test_unparseable_message_goes_to_dlq_and_the_next_request_completes(
     assert failures[0]["data"]["error_detail"]["error_code"] == "VALIDATION_ERROR"
 
 
+async def test_an_unparseable_request_keeps_the_ids_its_body_names_on_its_dlq_record_and_failure(
+    prefix, topics_for, kafka_for
+) -> None:
+    # No headers; the envelope is broken (its event_id), but its correlation id and request id are readable.
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    cid = "0f1e2d3c-4b5a-4978-8a69-5b4c3d2e1f00"
+    body = {"event_id": "not-a-uuid", "correlation_id": cid, "data": {"user_prompt": "p", "request_id": "r1"}}
+    async with running_worker(settings):
+        await kafka.send_raw(json.dumps(body).encode())
+        [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
+        [failure] = await kafka.wait_for(kafka.topics.failure, 1)
+    assert dlq["error"] == "not an envelope: invalid event_id"
+    assert dict(kafka.raw[kafka.topics.dlq][0].headers)["correlation_id"] == cid.encode()
+    assert failure["correlation_id"] == cid and failure["data"]["request_id"] == "r1"
+    assert failure["data"]["error_detail"]["operation"] == "decode"
+    assert "operation" not in failure["data"]["error_detail"]["details"]
+
+
 async def test_schema_violation_yields_validation_error_naming_fields(prefix, topics_for, kafka_for) -> None:
     settings = make_settings(prefix, partitions=1)
     await topics_for(settings)
@@ -90,6 +110,7 @@ async def test_schema_violation_yields_validation_error_naming_fields(prefix, to
     detail = failed["error_detail"]
     assert detail["error_code"] == "VALIDATION_ERROR"
     assert detail["details"]["retryable"] is False
+    assert detail["operation"] == "validate" and "operation" not in detail["details"]
     assert set(detail["details"]["fields"]) == {"user_prompt", "llm_config_overrides.temperature_override"}
     assert failed["winner"] is None
     assert failed["provider"] == "anthropic"  # the upstream model only accepts real provider names
