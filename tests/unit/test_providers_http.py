@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import uuid
 
 import aiohttp
 import httpx
 import pytest
 
-from contracts import ErrorCode
+from contracts import ErrorCode, ErrorDetail, LLMProviderFailureV1
 from worker.errors import ProviderError
 from worker.orchestrate import falls_back
 from worker.providers.http import (
@@ -488,3 +489,15 @@ async def test_a_body_that_decompresses_past_the_cap_is_an_error_not_all_the_mem
         await runner.cleanup()
     assert len(bomb) < 20_000
     assert caught.value.code is ErrorCode.EXTERNAL_SERVICE_ERROR and caught.value.retryable is False
+
+
+def test_a_lone_surrogate_in_an_error_body_does_not_reach_the_events() -> None:
+    # json.loads accepts "\ud83d" alone; no JSON writer takes it, so the failure event could not be built.
+    raw = b'{"error": {"message": "bad \\ud83d thing", "type": "server_error\\udc00"}}'
+    err = classify_error("openai", 500, raw, {})
+    assert err.message == "openai HTTP 500: bad ? thing"
+    assert err.details["provider_error_type"] == "server_error?"
+    detail = ErrorDetail.from_code(err.code, err.message, uuid.uuid4(), **err.details)
+    LLMProviderFailureV1(
+        request_id="r", correlation_id=uuid.uuid4(), provider="openai", model="m", error_detail=detail
+    ).model_dump_json()  # serialisable

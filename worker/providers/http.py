@@ -355,8 +355,10 @@ def _error_fields(body: bytes | str) -> tuple[str, str, float | None, str]:
         text = body.decode(errors="replace") if isinstance(body, bytes) else body
         return "", text.strip()[:_MESSAGE_CHARS], None, ""
     kinds = [error.get(k) for k in ("code", "type", "status")]
+    # json.loads lets a lone surrogate escape through ("\ud83d"): no JSON writer takes it, so the event
+    # carrying the message could not be built. It becomes "?".
     error_type = next((k for k in kinds if isinstance(k, str) and k), "")
-    message = str(error.get("message") or "")
+    message = _utf8(str(error.get("message") or ""))
     retry_delay_s = None
     quota_ids: list[str] = []
     details = error.get("details")
@@ -375,7 +377,11 @@ def _error_fields(body: bytes | str) -> tuple[str, str, float | None, str]:
                 retry_delay_s = _finite(float(delay[:-1]))
             except ValueError:
                 pass
-    return error_type, message, retry_delay_s, " ".join(quota_ids)
+    return _utf8(error_type), message, retry_delay_s, " ".join(quota_ids)
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _finite(value: float) -> float | None:
