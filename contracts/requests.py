@@ -49,7 +49,9 @@ class LLMConfigOverrides(BaseModel):
     system_prompt_override: str | None = Field(
         default=None, max_length=MAX_PROMPT_CHARS, description="System prompt instead of the default."
     )
-    max_tokens_override: int | None = Field(default=None, gt=0, description="Output token cap.")
+    max_tokens_override: int | None = Field(
+        default=None, gt=0, le=1_000_000, description="Output token cap (at most 1 000 000)."
+    )
     reasoning_effort: Literal["none", "low", "medium", "high"] | None = Field(
         default=None, description="Reasoning effort for reasoning models."
     )
@@ -67,7 +69,8 @@ class LLMComparisonRequestV1(BaseModel):
         default=None,
         min_length=1,
         max_length=200,
-        description="Caller's idempotency key; when absent the envelope's event_id is used.",
+        description="Caller's idempotency key; when absent the envelope's event_id is used "
+        "(without one either, 'sha256:' and a hash of the record).",
     )
     user_prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="The comparison prompt.")
     prompt_blocks: list[PromptBlock] | None = Field(

@@ -6,10 +6,11 @@ Invalid: an envelope whose data violates the request schema -> VALIDATION_ERROR 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -82,13 +83,25 @@ def decode_request(raw: bytes | None, headers: Any, default_topic: str) -> Job:
             reason = Unparseable("not an envelope: unreadable", _as_uuid(header_correlation_id))
         raise reason from exc
     data = envelope.data
+    requested_at = envelope.event_timestamp
+    if requested_at.tzinfo is None:  # written by a producer's utcnow(): UTC, and said so in the result
+        requested_at = requested_at.replace(tzinfo=UTC)
     return Job(
         request=data,
-        request_id=data.request_id or str(envelope.event_id),
+        request_id=data.request_id or _request_id_of(envelope, raw or b""),
         correlation_id=envelope.correlation_id,
-        requested_at=envelope.event_timestamp,
+        requested_at=requested_at,
         callback_topic=data.callback_topic or default_topic,
     )
+
+
+def _request_id_of(envelope: EventEnvelope[LLMComparisonRequestV1], raw: bytes) -> str:
+    """A request without a request_id is keyed by its envelope's event_id, or, when the envelope has none
+    either (the model would make a new one on every decode), by its bytes: the same on every redelivery,
+    so a redelivered request is still answered from the outcome store."""
+    if "event_id" in envelope.model_fields_set:
+        return str(envelope.event_id)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:40]
 
 
 def header_text(headers: Any, name: str) -> str | None:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -195,3 +196,33 @@ def test_mock_error_rate_one_always_fails_with_a_retryable_error() -> None:
     with pytest.raises(ProviderError) as err:
         asyncio.run(provider.compare(CALL))
     assert err.value.retryable
+
+
+def test_a_request_without_request_id_or_event_id_is_keyed_the_same_on_every_decode() -> None:
+    # The envelope model makes a new event_id when none is sent: a key from it would differ on redelivery.
+    raw = json.dumps({"correlation_id": str(uuid.uuid4()), "data": {"user_prompt": "p"}}).encode()
+    first, again = decode_request(raw, None, DEFAULT_TOPIC), decode_request(raw, None, DEFAULT_TOPIC)
+    assert first.request_id == again.request_id and first.request_id.startswith("sha256:")
+    other = json.dumps({"correlation_id": str(uuid.uuid4()), "data": {"user_prompt": "p"}}).encode()
+    assert decode_request(other, None, DEFAULT_TOPIC).request_id != first.request_id
+
+
+def test_a_naive_event_timestamp_is_taken_as_utc() -> None:
+    # As a producer's datetime.utcnow() writes it: the result's requested_at must carry its zone.
+    doc = {
+        "correlation_id": str(uuid.uuid4()),
+        "event_timestamp": "2026-01-01T00:00:00",
+        "data": {"user_prompt": "p"},
+    }
+    job = decode_request(json.dumps(doc).encode(), None, DEFAULT_TOPIC)
+    assert job.requested_at == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_an_output_token_cap_past_a_million_is_invalid_not_a_crash() -> None:
+    # A cap of 10**309 overflowed the budget's cost estimate (float) into a poison request.
+    overrides = f'{{"max_tokens_override": 1{"0" * 309}}}'
+    data = f'{{"user_prompt": "p", "llm_config_overrides": {overrides}}}'
+    raw = f'{{"correlation_id": "{uuid.uuid4()}", "data": {data}}}'
+    with pytest.raises(Invalid) as caught:
+        decode_request(raw.encode(), None, DEFAULT_TOPIC)
+    assert caught.value.fields == ["llm_config_overrides.max_tokens_override"]
