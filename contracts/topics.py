@@ -34,10 +34,16 @@ class Topics:
     cost_tracking: str = field(init=False)
     cost_alert: str = field(init=False)
     dlq: str = field(init=False)
+    #: The service's own topics a request may not name as its callback topic: the request topic (the
+    #: service would read its result as a request) and those of other events (their consumers read
+    #: another schema). The result topic is the default callback topic.
+    not_callbacks: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         for event in _EVENTS:
             object.__setattr__(self, event, topic_name(event, self.prefix))
+        others = frozenset(self.all()) - {self.comparison_result}
+        object.__setattr__(self, "not_callbacks", others)
 
     def all(self) -> list[str]:
         return [

@@ -57,7 +57,9 @@ class Handler:
 
     async def handle(self, record: ConsumerRecord) -> None:
         try:
-            job = decode_request(record.value, record.headers, self.topics.comparison_result)
+            job = decode_request(
+                record.value, record.headers, self.topics.comparison_result, self.topics.not_callbacks
+            )
         except Unparseable as exc:  # log context: the Kafka key is the request id
             request_id_var.set(record.key.decode(errors="replace") if record.key else None)
             cid = exc.correlation_id
@@ -102,7 +104,9 @@ class Handler:
         events: list[Outgoing] = []
         stored_before: asyncio.Future[None] | None = None
         try:
-            job = decode_request(record.value, record.headers, self.topics.comparison_result)
+            job = decode_request(
+                record.value, record.headers, self.topics.comparison_result, self.topics.not_callbacks
+            )
         except Unparseable:
             job = None
         except Invalid as exc:

@@ -69,10 +69,12 @@ class Invalid(Exception):
         self.provider = provider
 
 
-def decode_request(raw: bytes | None, headers: Any, default_topic: str) -> Job:
+def decode_request(
+    raw: bytes | None, headers: Any, default_topic: str, not_callbacks: frozenset[str] = frozenset()
+) -> Job:
     """Parse and validate once; only the failure path looks at the bytes a second time, and at the record's
     headers (their correlation id, for a document without one). Raises Unparseable or Invalid, never
-    anything else, whatever the bytes."""
+    anything else, whatever the bytes. `not_callbacks`: topics a request may not name as its callback."""
     try:
         envelope = RequestEnvelope.model_validate_json(raw or b"")
     except ValidationError as exc:
@@ -86,13 +88,24 @@ def decode_request(raw: bytes | None, headers: Any, default_topic: str) -> Job:
     requested_at = envelope.event_timestamp
     if requested_at.tzinfo is None:  # written by a producer's utcnow(): UTC, and said so in the result
         requested_at = requested_at.replace(tzinfo=UTC)
-    return Job(
+    job = Job(
         request=data,
         request_id=data.request_id or _request_id_of(envelope, raw or b""),
         correlation_id=envelope.correlation_id,
         requested_at=requested_at,
         callback_topic=data.callback_topic or default_topic,
     )
+    if job.callback_topic in not_callbacks:
+        overrides = data.llm_config_overrides
+        raise Invalid(
+            fields=["callback_topic"],
+            reason="invalid request fields: callback_topic (a topic of this service's own)",
+            correlation_id=job.correlation_id,
+            request_id=job.request_id,
+            callback_topic=default_topic,
+            provider=overrides.provider_override.value if overrides and overrides.provider_override else None,
+        )
+    return job
 
 
 def _request_id_of(envelope: EventEnvelope[LLMComparisonRequestV1], raw: bytes) -> str:

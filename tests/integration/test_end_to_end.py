@@ -3,6 +3,7 @@ handled and the consumer keeps going."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -39,11 +40,14 @@ async def test_result_goes_to_the_callback_topic(prefix, topics_for, kafka_for) 
     settings = make_settings(prefix)
     await topics_for(settings)
     kafka = await kafka_for(settings)
-    callback = kafka.topics.failure  # any existing topic of this test's prefix
+    elsewhere = make_settings(f"{prefix}-cb")  # another service's topics, read by a reader of their own
+    await topics_for(elsewhere)
+    other = await kafka_for(elsewhere)
+    callback = other.topics.comparison_result
     env = request_envelope(callback_topic=callback)
     async with running_worker(settings):
         await kafka.send(env)
-        found = await kafka.wait_for(callback, 1, where=lambda e: e["event_type"] == "LLMComparisonResultV1")
+        found = await other.wait_for(callback, 1, where=lambda e: e["event_type"] == "LLMComparisonResultV1")
     assert found[0]["data"]["request_id"] == env.data.request_id
     assert kafka.of(kafka.topics.comparison_result) == []
 
@@ -227,3 +231,23 @@ async def test_topics_the_broker_refuses_to_create_fail_at_once_with_its_reason(
     with pytest.raises(RuntimeError, match=r"topics not created: .*replication factor"):
         await create_topics(settings.kafka)
     assert time.monotonic() - started < 10  # not the 30 s wait for leaders of topics that never came
+
+
+async def test_a_request_naming_the_request_topic_as_its_callback_gets_one_validation_error(
+    prefix, topics_for, kafka_for
+) -> None:
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    looping = request_envelope(request_id="loop-1", callback_topic=kafka.topics.comparison_request)
+    async with running_worker(settings):
+        await kafka.send(looping)
+        await kafka.send(request_envelope(request_id="after-1"))
+        results = await kafka.wait_for(kafka.topics.comparison_result, 2)
+        await asyncio.sleep(0.5)  # a result read back as a request would add a second one for loop-1
+    mine = [
+        r["data"] for r in kafka.of(kafka.topics.comparison_result) if r["data"]["request_id"] == "loop-1"
+    ]
+    assert len(mine) == 1 and mine[0]["error_detail"]["error_code"] == "VALIDATION_ERROR"
+    assert mine[0]["error_detail"]["details"]["fields"] == ["callback_topic"]
+    assert {r["data"]["request_id"] for r in results} == {"loop-1", "after-1"}

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from contracts import EventEnvelope, LLMComparisonRequestV1
+from contracts import EventEnvelope, LLMComparisonRequestV1, Topics
 from worker.errors import ProviderError
 from worker.providers.base import ComparisonCall
 from worker.providers.mock import MockProvider
@@ -226,3 +226,18 @@ def test_an_output_token_cap_past_a_million_is_invalid_not_a_crash() -> None:
     with pytest.raises(Invalid) as caught:
         decode_request(raw.encode(), None, DEFAULT_TOPIC)
     assert caught.value.fields == ["llm_config_overrides.max_tokens_override"]
+
+
+@pytest.mark.parametrize("event", ["comparison_request", "failure", "cost_tracking", "dlq"])
+def test_a_callback_topic_of_the_services_own_is_invalid_and_answered_on_the_result_topic(event: str) -> None:
+    # Its own request topic would have the service read its result as a request (a second result).
+    topics = Topics()
+    raw = _envelope(request_id="r-own", callback_topic=getattr(topics, event))
+    with pytest.raises(Invalid) as caught:
+        decode_request(raw, None, topics.comparison_result, topics.not_callbacks)
+    assert caught.value.fields == ["callback_topic"]
+    assert (caught.value.request_id, caught.value.callback_topic) == ("r-own", topics.comparison_result)
+    raw = _envelope(callback_topic=topics.comparison_result)
+    assert decode_request(raw, None, topics.comparison_result, topics.not_callbacks).callback_topic == (
+        topics.comparison_result
+    )
