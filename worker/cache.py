@@ -2,7 +2,7 @@
 
 Key: sha256 of the canonical JSON of everything in a ComparisonCall that changes the answer, plus the
 answer schema version; nothing else (request id, correlation id, metadata and user never reach the call).
-Keys are namespaced by the Redis key prefix and versioned (`<prefix>:cache:v1:<hex>`).
+Keys are namespaced by the Redis key prefix and versioned (`<prefix>:cache:v2:<hex>`).
 
 Layers: an in-process LRU bounded by entries and bytes (L1, and the only layer while Redis is down) in
 front of Redis (shared by replicas, with a TTL). `RedisGuard` is a small breaker: after a Redis error the
@@ -39,15 +39,18 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from contracts import CachePolicy, TokenUsage
+from contracts import CachePolicy, PromptBlock, TokenUsage
 from worker import metrics
 from worker.errors import ProviderError
+from worker.providers.anthropic import sent_order
 from worker.providers.base import SCHEMA_VERSION, Answer, ComparisonCall, parse_answer
 from worker.settings import CacheSettings
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 1
+#: 2: Anthropic's prompt blocks keyed in the order they are sent (an entry under a v1 key may answer the
+#: same blocks in another order).
+KEY_VERSION = 2
 
 T = TypeVar("T")
 Layer = Literal["redis", "local", "single_flight"]
@@ -78,6 +81,18 @@ return 0
 """
 
 
+def _blocks_as_sent(call: ComparisonCall) -> tuple[PromptBlock, ...] | list[PromptBlock]:
+    """The prompt blocks in the order the provider gets them: Anthropic's are ordered by their caching
+    hints (cacheable ones first), so the same blocks hinted otherwise are another prompt there."""
+    if call.provider != "anthropic" or not call.prompt_blocks:
+        return call.prompt_blocks
+    blocks = call.prompt_blocks
+    return [
+        *sent_order([b for b in blocks if b.target == "system"]),
+        *sent_order([b for b in blocks if b.target == "user_content"]),
+    ]
+
+
 def make_cache_key(call: ComparisonCall, prefix: str) -> str:
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -85,7 +100,7 @@ def make_cache_key(call: ComparisonCall, prefix: str) -> str:
         "model": call.model,
         "system_prompt": call.system_prompt,
         "user_prompt": call.user_prompt,
-        "prompt_blocks": [[b.target, b.content] for b in call.prompt_blocks],
+        "prompt_blocks": [[b.target, b.content] for b in _blocks_as_sent(call)],
         "temperature": call.temperature,
         "max_tokens": call.max_tokens,
         "reasoning_effort": call.reasoning_effort,

@@ -41,7 +41,7 @@ async def test_identical_request_is_answered_from_the_cache(prefix, topics_for, 
     assert hit["data"]["request_id"] == second.data.request_id
     assert hit["data"]["organization_id"] == "o2"
     assert hit["data"]["tokens_saved"] == original["token_usage"]["total_tokens"]
-    assert hit["data"]["cache_key"].startswith(f"{prefix}:cache:v1:")
+    assert hit["data"]["cache_key"].startswith(f"{prefix}:cache:v2:")
     costs = kafka.of(kafka.topics.cost_tracking)
     assert [c["data"]["request_id"] for c in costs] == [first.data.request_id]
 

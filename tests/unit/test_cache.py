@@ -39,7 +39,7 @@ def cached(text: str = "x") -> CachedAnswer:
 
 
 def test_cache_key_is_namespaced_versioned_and_a_sha256() -> None:
-    assert re.fullmatch(r"llmw:cache:v1:[0-9a-f]{64}", make_cache_key(CALL, "llmw"))
+    assert re.fullmatch(r"llmw:cache:v2:[0-9a-f]{64}", make_cache_key(CALL, "llmw"))
 
 
 def test_cache_key_is_the_same_for_the_same_call() -> None:
@@ -65,8 +65,25 @@ def test_cache_key_changes_with_every_answer_changing_field(change: dict[str, ob
 
 
 def test_cache_key_ignores_prompt_caching_hints() -> None:
+    plain = dataclasses.replace(CALL, prompt_blocks=(PromptBlock(target="user_content", content="rubric"),))
     hinted = (PromptBlock(target="user_content", content="rubric", cacheable=True, ttl="1h"),)
-    assert make_cache_key(dataclasses.replace(CALL, prompt_blocks=hinted), "p") == make_cache_key(CALL, "p")
+    assert make_cache_key(dataclasses.replace(CALL, prompt_blocks=hinted), "p") == make_cache_key(plain, "p")
+
+
+def test_anthropic_blocks_the_hints_reorder_are_another_key() -> None:
+    # Anthropic gets cacheable blocks first: [A, B(cacheable)] is sent as B, A; [A, B] as A, B.
+    a, b = PromptBlock(target="user_content", content="Essay A: X"), "Essay B: Y"
+    hinted = (a, PromptBlock(target="user_content", content=b, cacheable=True))
+    plain = (a, PromptBlock(target="user_content", content=b))
+    for provider in ("anthropic", "openai"):
+        call = dataclasses.replace(CALL, provider=provider)
+        keys = [make_cache_key(dataclasses.replace(call, prompt_blocks=p), "p") for p in (hinted, plain)]
+        assert (keys[0] != keys[1]) is (provider == "anthropic")
+    ordered = (hinted[1], a)  # the order Anthropic sends the hinted one in, hinted the same: same prompt
+    anthropic = dataclasses.replace(CALL, provider="anthropic")
+    assert make_cache_key(dataclasses.replace(anthropic, prompt_blocks=hinted), "p") == make_cache_key(
+        dataclasses.replace(anthropic, prompt_blocks=ordered), "p"
+    )
 
 
 def test_cache_key_changes_with_the_answer_schema_version(monkeypatch: pytest.MonkeyPatch) -> None:

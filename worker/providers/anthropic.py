@@ -23,6 +23,15 @@ _TOOL = {
 }
 
 
+def sent_order(blocks: list[PromptBlock]) -> list[PromptBlock]:
+    """The order Anthropic gets one target's blocks in: cacheable 1h, cacheable 5m, then the rest (stable
+    within each group; see content_blocks). The cache key follows it: the hints change the text's order."""
+    return sorted(blocks, key=lambda b: _TTL_RANK[b.ttl] if b.cacheable else 2)
+
+
+_TTL_RANK = {"1h": 0, "5m": 1}
+
+
 def content_blocks(blocks: list[PromptBlock], min_ttl: str | None = None) -> tuple[list[dict[str, Any]], str]:
     """Text content blocks with cache breakpoints, and the shortest TTL used (for the next target).
 
@@ -30,8 +39,7 @@ def content_blocks(blocks: list[PromptBlock], min_ttl: str | None = None) -> tup
     requires longer-TTL breakpoints before shorter ones. So: cacheable 1h blocks first, then cacheable
     5m blocks, then the rest (stable order within each group); one breakpoint at the end of each cached
     group. When an earlier target (system) already used 5m, a later 1h group is cached for 5m instead."""
-    rank = {"1h": 0, "5m": 1}
-    ordered = sorted(blocks, key=lambda b: rank[b.ttl] if b.cacheable else 2)
+    ordered = sent_order(blocks)
     out: list[dict[str, Any]] = []
     shortest = min_ttl or "1h"
     for i, block in enumerate(ordered):
