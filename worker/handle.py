@@ -238,13 +238,17 @@ class Handler:
                 held = await self.spend.check_budget(request.organization_id, estimate)
             except RequestRejected as exc:
                 return CallOutcome(call, error=exc), []
+        outcome = CallOutcome(call)
         try:
-            outcome = await self.orchestrator.run(
-                call, deadline_s, allow_fallback=request.allow_fallback, priced_only=budgeted
+            await self.orchestrator.run(
+                call, deadline_s, allow_fallback=request.allow_fallback, priced_only=budgeted, outcome=outcome
             )
-        except BaseException:  # cancelled (revocation, shutdown): the hold must not stay for the window
-            if held is not None and self.spend is not None:
-                await self.spend.record(request.organization_id, 0.0, held)
+        except BaseException:
+            # Cancelled (revocation, shutdown): the hold must not stay for the window, and a call already
+            # sent counts at its estimate (the provider had the prompt), as a call cut by a deadline does.
+            if self.spend is not None and (held is not None or self.spend.counts(request.organization_id)):
+                sent_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
+                await self.spend.record(request.organization_id, sent_usd, held)
             raise
         if self.spend is None or not self.spend.counts(request.organization_id):
             return outcome, []

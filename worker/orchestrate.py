@@ -211,10 +211,12 @@ class Orchestrator:
         deadline_s: float | None,
         allow_fallback: bool = False,
         priced_only: bool = False,
+        outcome: CallOutcome | None = None,
     ) -> CallOutcome:
         """Answer the call, bounded by the deadline (a monotonic time). Never raises WorkerError.
-        `priced_only`: no fallback to a model without a price (a budget could not count it)."""
-        outcome = CallOutcome(call)
+        `priced_only`: no fallback to a model without a price (a budget could not count it). `outcome`: the
+        CallOutcome to fill (its attempts so far stay readable when the run is cancelled)."""
+        outcome = CallOutcome(call) if outcome is None else outcome
         if not (allow_fallback or self.fallback.always):  # one candidate: the loop below, without the loop
             outcome.answer, outcome.error = await self._run_provider(call, deadline_s, outcome)
             if outcome.answer is not None:

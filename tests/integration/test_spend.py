@@ -169,6 +169,52 @@ async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
     assert await spend.check_budget("org1", 1.0) is not None  # given back
 
 
+async def test_a_call_cancelled_after_it_was_sent_counts_at_its_estimate(
+    tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled once the provider had the prompt: the orchestrator records the cut call at its estimate
+    (as for a deadline's cut), and that is what the budget keeps, not 0."""
+    from contracts import TokenUsage, utc_now
+    from worker import handle
+    from worker.handle import Handler
+    from worker.orchestrate import Attempt
+    from worker.pricing import Cost
+    from worker.providers.base import ComparisonCall
+    from worker.settings import KafkaSettings
+    from worker.validate import decode_request
+
+    spend = tracker(org_budget_usd=1.0)
+    started = asyncio.Event()
+
+    class SentThenCancelled:
+        prices = None
+
+        async def run(self, call: Any, deadline_s: Any, outcome: Any = None, **_: Any) -> Any:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:  # as Orchestrator._attempt records a call cut while the provider had it
+                usage = TokenUsage(prompt_tokens=100, total_tokens=100)
+                outcome.attempts.append(
+                    Attempt("openai", "m", utc_now(), 5, usage, Cost(0.3, True), None, True)
+                )
+
+    monkeypatch.setattr(handle, "estimate_call_usd", lambda prices, call: 0.5)
+    topics = KafkaSettings().topics
+    handler = Handler(SentThenCancelled(), None, None, topics, "test", spend=spend)  # type: ignore[arg-type]
+    env = request_envelope(organization_id="org1")
+    job = decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
+    call = ComparisonCall(provider="openai", model="m", system_prompt="s", user_prompt="u")
+    task = asyncio.create_task(handler._call(job, call, None, budgeted=True))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.8)  # 0.3 counted
+    assert await spend.check_budget("org1", 0.7) is not None
+
+
 async def test_an_organization_with_a_budget_cannot_call_a_model_without_a_price(tracker) -> None:
     """Its cost would count 0, so the budget would not hold: refused before any call. Without a budget the
     call goes."""
