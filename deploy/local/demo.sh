@@ -7,7 +7,8 @@ cd "$ROOT"
 source deploy/local/env.sh
 bash deploy/local/infra.sh up
 mkdir -p .local
-if [ -f .local/worker.pid ] && kill -0 "$(cat .local/worker.pid)" 2>/dev/null; then
+# Still the worker started here? (after a reboot the pid may be another process's)
+if [ -f .local/worker.pid ] && grep -qa llm-worker "/proc/$(cat .local/worker.pid)/cmdline" 2>/dev/null; then
   echo "[demo] worker already running (pid $(cat .local/worker.pid))"
 else
   MOCK_LATENCY_MS=${MOCK_LATENCY_MS:-200} MOCK_JITTER_MS=${MOCK_JITTER_MS:-100} \

@@ -19,13 +19,18 @@ LOCAL_DIR=${LOCAL_DIR:-$ROOT/.local}
 KAFKA_CACHE=${KAFKA_CACHE:-$HOME/.cache/llm-provider-worker/kafka-$KAFKA_VERSION}
 KAFKA_PORT=9092
 REDIS_PORT=${REDIS_PORT:-6379}
-PYTHON=${PYTHON:-python3}
 
 log() { echo "[infra] $*" >&2; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# The process in pid file $1, if it is still one whose command line holds $2 (after a reboot the pid may
+# belong to another process: not ours to report, nor to kill).
+pid_alive() {
+  [ -f "$1" ] || return 1
+  local pid; pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null && grep -qa -- "$2" "/proc/$pid/cmdline" 2>/dev/null
+}
 
 fetch_kafka() {
   if [ -f "$KAFKA_CACHE/lib/kafka_2.13-$KAFKA_VERSION.jar" ]; then return; fi
@@ -71,7 +76,7 @@ kafka_up() {
   echo $! > "$LOCAL_DIR/kafka.pid"
   for _ in $(seq 1 120); do
     if port_open $KAFKA_PORT; then log "kafka up (pid $(cat "$LOCAL_DIR/kafka.pid"))"; return; fi
-    pid_alive "$LOCAL_DIR/kafka.pid" || { tail -30 "$LOCAL_DIR/kafka.log" >&2; log "kafka died"; exit 1; }
+    pid_alive "$LOCAL_DIR/kafka.pid" kafka.Kafka || { tail -30 "$LOCAL_DIR/kafka.log" >&2; log "kafka died"; exit 1; }
     sleep 0.5
   done
   log "kafka did not open :$KAFKA_PORT in 60 s"; tail -30 "$LOCAL_DIR/kafka.log" >&2; exit 1
@@ -91,8 +96,8 @@ redis_up() {
 }
 
 stop_pid() {
-  local name=$1 file=$2
-  if pid_alive "$file"; then
+  local name=$1 file=$2 program=$3
+  if pid_alive "$file" "$program"; then
     local pid; pid=$(cat "$file")
     kill "$pid"
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
@@ -106,9 +111,9 @@ stop_pid() {
 
 status() {
   local rc=0
-  if port_open $KAFKA_PORT; then echo "kafka: up on 127.0.0.1:$KAFKA_PORT$(pid_alive "$LOCAL_DIR/kafka.pid" && echo " (pid $(cat "$LOCAL_DIR/kafka.pid"))")"
+  if port_open $KAFKA_PORT; then echo "kafka: up on 127.0.0.1:$KAFKA_PORT$(pid_alive "$LOCAL_DIR/kafka.pid" kafka.Kafka && echo " (pid $(cat "$LOCAL_DIR/kafka.pid"))")"
   else echo "kafka: down"; rc=1; fi
-  if port_open "$REDIS_PORT"; then echo "redis: up on 127.0.0.1:$REDIS_PORT$(pid_alive "$LOCAL_DIR/redis.pid" && echo " (pid $(cat "$LOCAL_DIR/redis.pid"))")"
+  if port_open "$REDIS_PORT"; then echo "redis: up on 127.0.0.1:$REDIS_PORT$(pid_alive "$LOCAL_DIR/redis.pid" redis-server && echo " (pid $(cat "$LOCAL_DIR/redis.pid"))")"
   else echo "redis: down"; rc=1; fi
   return $rc
 }
@@ -118,11 +123,14 @@ case "${1:-}" in
     redis_up
     kafka_up
     log "creating topics"
+    # Run on its own (not from demo.sh or test.sh), the project's virtualenv is made here: the topics are
+    # created by the package.
+    if [ -z "${PYTHON:-}" ]; then source "$HERE/env.sh"; fi
     "$PYTHON" -m worker.cli topics create
     ;;
   down)
-    stop_pid kafka "$LOCAL_DIR/kafka.pid"
-    stop_pid redis "$LOCAL_DIR/redis.pid"
+    stop_pid kafka "$LOCAL_DIR/kafka.pid" kafka.Kafka
+    stop_pid redis "$LOCAL_DIR/redis.pid" redis-server
     ;;
   status) status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
