@@ -102,3 +102,18 @@ async def test_reasoning_effort_becomes_the_models_thinking_config(model, effort
         await provider.aclose()
     [req] = server.requests
     assert req.body["generationConfig"].get("thinkingConfig") == expected
+
+
+@pytest.mark.parametrize(("reason", "retryable"), [("LANGUAGE", False), ("OTHER", True)])
+async def test_a_finish_reason_without_an_answer_is_named_in_the_error(reason: str, retryable: bool) -> None:
+    provider = build_provider(ProviderName.GOOGLE, settings_for("http://unused"))
+    assert provider is not None
+    body = b'{"candidates": [{"content": {"parts": []}, "finishReason": "%s"}], "usageMetadata": {}}' % (
+        reason.encode()
+    )
+    with pytest.raises(ProviderError) as caught:
+        provider.read_answer(body, "gemini-2.5-flash")  # type: ignore[attr-defined]
+    await provider.aclose()
+    assert caught.value.code is ErrorCode.PARSING_ERROR
+    assert caught.value.details["provider_error_type"] == reason
+    assert caught.value.retryable is retryable

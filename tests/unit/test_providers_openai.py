@@ -6,7 +6,7 @@ import pytest
 
 from contracts import ErrorCode, ProviderName, TokenUsage
 from worker.providers import build_provider
-from worker.providers.openai import STRICT_SCHEMA, OpenAIProvider, SchemaSupport
+from worker.providers.openai import STRICT_SCHEMA, OpenAIProvider, SchemaSupport, is_reasoning_model
 
 from .fake_providers import failure_of, fake_server, make_call, settings_for
 
@@ -223,3 +223,39 @@ async def test_openrouter_failures_are_classified_by_what_they_are(
     assert error.code is code
     assert error.retryable is retryable
     assert error.details["http_status"] == status
+
+
+@pytest.mark.parametrize(
+    ("model", "sent"),
+    [("o4-mini", "low"), ("o3", "low"), ("gpt-5", "minimal"), ("gpt-5-mini", "minimal"), ("gpt-5.1", "none")],
+)
+def test_reasoning_effort_none_is_sent_as_the_lowest_effort_the_model_takes(model: str, sent: str) -> None:
+    # Before gpt-5.1 OpenAI answers "none" with 400 unsupported_value.
+    provider = build_provider(ProviderName.OPENAI, settings_for("http://unused"))
+    assert isinstance(provider, OpenAIProvider)
+    body = provider.build_payload(make_call("openai", model, reasoning_effort="none"))
+    assert body["reasoning_effort"] == sent
+    assert (
+        provider.build_payload(make_call("openai", model, reasoning_effort="high"))["reasoning_effort"]
+        == "high"
+    )
+
+
+@pytest.mark.parametrize("model", ["gpt-5-chat-latest", "gpt-5-search-api", "openai/gpt-5-chat"])
+def test_gpt_5_chat_and_search_models_are_not_reasoning_models(model: str) -> None:
+    # They refuse reasoning_effort and take temperature and max_tokens.
+    assert not is_reasoning_model(model)
+    assert is_reasoning_model("gpt-5-mini") and is_reasoning_model("openai/o4-mini")
+
+
+async def test_openrouter_routes_a_json_schema_request_only_to_hosts_that_take_it() -> None:
+    async with fake_server() as (server, url):
+        provider = build_provider(ProviderName.OPENROUTER, settings_for(url))
+        assert provider is not None
+        await provider.compare(make_call("openrouter", "openai/gpt-4.1-mini"))
+        await provider.compare(make_call("openrouter", "meta-llama/llama-3.3-70b-instruct"))
+        await provider.aclose()
+    schema, plain = (r.body for r in server.requests if r.path.endswith("/chat/completions"))
+    assert schema["response_format"]["type"] == "json_schema"
+    assert schema["provider"] == {"require_parameters": True}
+    assert plain["response_format"] == {"type": "json_object"} and "provider" not in plain

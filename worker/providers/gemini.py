@@ -148,9 +148,10 @@ class GeminiProvider:
         try:
             obj = pydantic_core.from_json(text)
         except ValueError as exc:
-            raise billed_failure(
-                ErrorCode.PARSING_ERROR, self.name, "answer is not JSON", None, usage
-            ) from exc
+            # Stopped for a reason of its own (LANGUAGE, OTHER, MALFORMED_FUNCTION_CALL...): named in it.
+            ended = reason if reason not in (None, "STOP", "FINISH_REASON_UNSPECIFIED") else None
+            message = f"answer is not JSON (finishReason {ended})" if ended else "answer is not JSON"
+            raise billed_failure(ErrorCode.PARSING_ERROR, self.name, message, ended, usage) from exc
         return parse_billed_answer(obj, requested_model, usage, self.name)
 
     async def aclose(self) -> None:

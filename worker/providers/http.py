@@ -433,7 +433,8 @@ def billed_failure(
     details: dict[str, Any] = {"provider": provider, "usage": usage}
     if reason is not None:
         details["provider_error_type"] = reason
-    if reason in ("length", "max_tokens", "MAX_TOKENS") or code in _NOT_AGAIN:
+    # LANGUAGE: Gemini does not answer in the prompt's language; asking again ends the same way.
+    if reason in ("length", "max_tokens", "MAX_TOKENS", "LANGUAGE") or code in _NOT_AGAIN:
         details["retryable"] = False
     return ProviderError(code, f"{provider}: {message}", **details)
 

@@ -47,10 +47,27 @@ _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 log = logging.getLogger(__name__)
 
 
+#: Named like the gpt-5 family but not reasoning models: ChatGPT's chat snapshot and the search model
+#: refuse reasoning_effort and take temperature and max_tokens.
+_NOT_REASONING_PREFIXES = ("gpt-5-chat", "gpt-5-search")
+
+
 def is_reasoning_model(model: str) -> bool:
     """o-series and gpt-5 family (OpenRouter's `openai/` prefix ignored): no temperature, reasoning
     effort and max_completion_tokens instead."""
-    return _bare(model).startswith(_REASONING_PREFIXES)
+    bare = _bare(model)
+    return bare.startswith(_REASONING_PREFIXES) and not bare.startswith(_NOT_REASONING_PREFIXES)
+
+
+def openai_effort(model: str, effort: str) -> str:
+    """The request's effort as the model takes it: "none" exists from gpt-5.1 on; before it, the lowest is
+    "minimal" for gpt-5 (and -mini, -nano) and "low" for the o-series (they answer 400 unsupported_value)."""
+    if effort != "none":
+        return effort
+    bare = _bare(model)
+    if bare.startswith("gpt-5."):
+        return "none"
+    return "minimal" if bare.startswith("gpt-5") else "low"
 
 
 def _bare(model: str) -> str:
@@ -67,6 +84,9 @@ class OpenAIDialect:
     json_schema_prefixes: tuple[str, ...] = ()
     #: OpenRouter takes reasoning as {"reasoning": {"effort": ...}}; OpenAI as reasoning_effort.
     reasoning_object: bool = False
+    #: OpenRouter: a json_schema request is routed only to hosts that take every parameter sent
+    #: (provider.require_parameters), else a host that ignores the schema may answer free text.
+    require_parameters: bool = False
 
     def uses_json_schema(self, model: str) -> bool:
         if self.structured_output == "by_model":
@@ -79,6 +99,7 @@ OPENROUTER = OpenAIDialect(
     structured_output="by_model",
     json_schema_prefixes=("openai/", "google/", "anthropic/"),
     reasoning_object=True,
+    require_parameters=True,
 )
 
 
@@ -212,6 +233,8 @@ class OpenAIProvider:
                 "type": "json_schema",
                 "json_schema": {"name": "essay_comparison", "strict": True, "schema": STRICT_SCHEMA},
             }
+            if self.dialect.require_parameters:
+                payload["provider"] = {"require_parameters": True}
         else:
             payload["response_format"] = {"type": "json_object"}
         if is_reasoning_model(call.model):
@@ -221,7 +244,7 @@ class OpenAIProvider:
                 if self.dialect.reasoning_object:
                     payload["reasoning"] = {"effort": call.reasoning_effort}
                 else:
-                    payload["reasoning_effort"] = call.reasoning_effort
+                    payload["reasoning_effort"] = openai_effort(call.model, call.reasoning_effort)
             if call.output_verbosity is not None and _bare(call.model).startswith("gpt-5"):
                 payload["verbosity"] = call.output_verbosity
         else:
