@@ -32,6 +32,7 @@ async def test_request_has_path_key_version_model_and_forced_tool() -> None:
     assert req.path == "/v1/messages"
     assert req.headers["x-api-key"] == "sk-ant"
     assert req.headers["anthropic-version"] == "2023-06-01"
+    assert req.headers["anthropic-beta"] == "extended-cache-ttl-2025-04-11"  # ttl "1h" blocks need it
     assert "authorization" not in req.headers
     assert req.body["model"] == "claude-haiku-4-5"
     assert req.body["max_tokens"] == 400

@@ -73,6 +73,9 @@ def build_provider(name: ProviderName, s: ProviderSettings) -> Provider | None:
         headers = {
             "x-api-key": s.anthropic_api_key.get_secret_value(),
             "anthropic-version": s.anthropic_version,
+            # Prompt blocks cached for an hour (ttl "1h") are behind this beta: without it the API refuses
+            # or shortens them. It changes nothing for requests without such blocks.
+            "anthropic-beta": "extended-cache-ttl-2025-04-11",
         }
         return AnthropicProvider(s.anthropic_default_model, make_endpoint(s, s.anthropic_base_url, headers))
     if name is ProviderName.GOOGLE and s.gemini_api_key:
