@@ -197,7 +197,7 @@ class FakeProviderServer:
             return failure
         blocks = _anthropic_blocks(body)
         text = "".join(b.get("text", "") for b in blocks)
-        created = read = uncached = 0
+        created = created_1h = read = uncached = 0
         prefix = ""
         pending = 0
         for block in blocks:
@@ -208,6 +208,8 @@ class FakeProviderServer:
                     read += pending
                 else:
                     created += pending
+                    if block["cache_control"].get("ttl") == "1h":
+                        created_1h += pending
                 pending = 0
         uncached = pending
         answer = _answer_obj(text, scenario)
@@ -238,6 +240,10 @@ class FakeProviderServer:
                     "input_tokens": uncached,
                     "cache_creation_input_tokens": created,
                     "cache_read_input_tokens": read,
+                    "cache_creation": {
+                        "ephemeral_5m_input_tokens": created - created_1h,
+                        "ephemeral_1h_input_tokens": created_1h,
+                    },
                     "output_tokens": 70,
                 },
             }

@@ -100,6 +100,8 @@ async def test_usage_counts_cache_writes_and_reads_as_prompt_tokens() -> None:
         second = await provider.compare(call)
         await provider.aclose()
     assert first.usage.cached_tokens == 0
+    assert (first.cache_write_tokens, first.cache_write_1h_tokens) == (140, 140)  # written for an hour
+    assert (second.cache_write_tokens, second.cache_write_1h_tokens) == (0, 0)
     assert second.usage.cached_tokens == 140  # the rubric, read from the cache the first call wrote
     assert second.usage.prompt_tokens == first.usage.prompt_tokens
     assert second.usage.total_tokens == second.usage.prompt_tokens + 70
