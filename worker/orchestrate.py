@@ -287,7 +287,8 @@ class Orchestrator:
         ]
         if priced_only:
             others = self._priced(others)
-        return [call] + [replace(call, provider=p, model=m) for p, m in self.router.order(others)]
+        ordered = self.router.order(others, rotate=False)
+        return [call] + [replace(call, provider=p, model=m) for p, m in ordered]
 
     def _priced(self, candidates: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The (provider, model) pairs whose model has a price (a budget can count its calls)."""
@@ -451,7 +452,10 @@ class Orchestrator:
             raise error
         else:
             breaker.record(error.code if error else None, ticket)
-            self.router.observe_latency(call.provider, duration_s)
+            if error is None:
+                self.router.observe_latency(call.provider, duration_s)
+            else:
+                self.router.observe_failure(call.provider)
         estimated = usage is None and unanswered
         if estimated:
             usage = _cut_usage(call)

@@ -42,7 +42,11 @@ class Router:
 
     priority: as configured. round_robin: rotated by one per call. least_cost: by the price table's
     input+output rate, unknown prices last. latency: by an EWMA of observed latency, unobserved first so
-    every provider gets measured."""
+    every provider gets measured; a failed call counts as FAILURE_PENALTY_S, so a provider that fails fast
+    (a revoked key's 401, a 429) goes behind those that answer rather than first."""
+
+    #: What a failed call counts as in the latency EWMA (seconds): slower than any answer worth waiting for.
+    FAILURE_PENALTY_S = 30.0
 
     def __init__(self, strategy: Strategy, prices: PriceTable, ewma_alpha: float = 0.2) -> None:
         self.strategy = strategy
@@ -52,11 +56,15 @@ class Router:
         self._recent_s: dict[str, deque[float]] = {}
         self._turn = itertools.count()
 
-    def order(self, candidates: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    def order(self, candidates: Sequence[tuple[str, str]], rotate: bool = True) -> list[tuple[str, str]]:
+        """`rotate`: round_robin takes its next turn (the first choice of a request); the fallback chain
+        behind that choice keeps its configured order, so that one request takes one turn."""
         items = list(candidates)
         if len(items) < 2 or self.strategy is Strategy.PRIORITY:
             return items
         if self.strategy is Strategy.ROUND_ROBIN:
+            if not rotate:
+                return items
             k = next(self._turn) % len(items)
             return items[k:] + items[:k]
         if self.strategy is Strategy.LEAST_COST:
@@ -64,13 +72,21 @@ class Router:
         return sorted(items, key=lambda c: self.latency_ewma_s.get(c[0], -1.0))
 
     def observe_latency(self, provider: str, latency_s: float) -> None:
-        previous = self.latency_ewma_s.get(provider)
-        a = self.ewma_alpha
-        self.latency_ewma_s[provider] = latency_s if previous is None else a * latency_s + (1 - a) * previous
+        """An answered call's latency (the EWMA, and the recent latencies hedging reads its p95 from)."""
+        self._ewma(provider, latency_s)
         recent = self._recent_s.get(provider)
         if recent is None:
             recent = self._recent_s[provider] = deque(maxlen=200)
         recent.append(latency_s)
+
+    def observe_failure(self, provider: str) -> None:
+        """A call the provider failed: FAILURE_PENALTY_S in the EWMA (not in the recent latencies)."""
+        self._ewma(provider, self.FAILURE_PENALTY_S)
+
+    def _ewma(self, provider: str, latency_s: float) -> None:
+        previous = self.latency_ewma_s.get(provider)
+        a = self.ewma_alpha
+        self.latency_ewma_s[provider] = latency_s if previous is None else a * latency_s + (1 - a) * previous
 
     def latency_p95_s(self, provider: str, min_samples: int = 20) -> float | None:
         """p95 of the provider's last 200 call latencies; None until `min_samples` were seen."""

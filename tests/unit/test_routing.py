@@ -138,3 +138,44 @@ def test_latency_p95_needs_enough_samples_then_tracks_the_tail() -> None:
     for _ in range(10):
         router.observe_latency("p", 3.0)
     assert router.latency_p95_s("p") == 3.0
+
+
+def test_round_robin_with_fallback_spreads_the_first_choice_over_every_provider() -> None:
+    # One turn per request: the fallback chain's order took a second one, and "anthropic" never came first.
+    o = orchestrator(
+        "mock", "openai", "anthropic", chain=("openai", "anthropic"), strategy=Strategy.ROUND_ROBIN
+    )
+    firsts = []
+    for _ in range(30):
+        call = o.resolve(request())
+        candidates = o._candidates(call, priced_only=False)  # as a request allowing fallback does
+        firsts.append(candidates[0].provider)
+    assert {p: firsts.count(p) for p in set(firsts)} == {"mock": 10, "openai": 10, "anthropic": 10}
+
+
+def test_a_provider_that_fails_fast_goes_behind_those_that_answer() -> None:
+    # A revoked key answers 401 in 80 ms: by latency alone it would come first for every request.
+    router = Router(Strategy.LATENCY, PRICES, ewma_alpha=0.2)
+    router.observe_latency("openai", 2.0)
+    router.observe_latency("anthropic", 3.0)
+    router.observe_failure("google")
+    items = [("google", "x"), ("openai", "x"), ("anthropic", "x")]
+    assert [p for p, _ in router.order(items)] == ["openai", "anthropic", "google"]
+    assert router.latency_p95_s("google", min_samples=1) is None  # hedging reads answered calls only
+
+
+async def test_the_orchestrator_counts_a_failed_call_as_a_failure_not_as_its_latency() -> None:
+    from contracts import ErrorCode
+    from worker.errors import ProviderError
+
+    class Refusing(Named):
+        async def compare(self, call: ComparisonCall) -> Answer:
+            raise ProviderError(ErrorCode.AUTHENTICATION_ERROR, "bad key", provider=self.name)
+
+    router = Router(Strategy.LATENCY, PRICES)
+    o = Orchestrator({"google": Refusing("google", "g")}, PRICES, ProviderName.GOOGLE, router=router)  # type: ignore[dict-item]
+    outcome = await o.run(
+        ComparisonCall(provider="google", model="g", system_prompt="s", user_prompt="u"), None
+    )
+    assert outcome.error is not None
+    assert router.latency_ewma_s["google"] == Router.FAILURE_PENALTY_S
