@@ -69,6 +69,12 @@ while a <= #ARGV do
     if redis.call('ZREM', KEYS[i], old) == 1 then
       redis.call('ZADD', KEYS[i], score, new)
       redis.call('INCRBY', KEYS[i] .. ':sum', delta)
+      -- it was the only member: ZREM deleted the key and its TTL, ZADD made it again without one (the sum
+      -- would expire alone, and the next prune take its tokens off a sum begun again at 0)
+      if redis.call('PTTL', KEYS[i]) == -1 then
+        local left = redis.call('PTTL', KEYS[i] .. ':sum')
+        if left > 0 then redis.call('PEXPIRE', KEYS[i], left) end
+      end
     end
   end
   a, k = a + 5, last + 1

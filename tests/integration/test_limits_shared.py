@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from redis.exceptions import RedisError
 
 from tests.conftest import REDIS_URL, free_port
 from worker import metrics
+from worker.errors import ProviderError
 from worker.limits import Limit, Limiter
 
 pytestmark = pytest.mark.connected
@@ -166,6 +168,27 @@ async def test_token_correction_rides_on_the_next_acquire(prefix: str) -> None:
         await limiter.acquire("p", "m", 50)
         assert await _token_sum(redis, prefix) == 100 + 50
         assert not limiter._corrections  # no call of its own was needed
+    finally:
+        await limiter.aclose()
+        await redis.aclose()
+
+
+async def test_a_correction_of_a_windows_only_call_keeps_its_keys_expiring_together(prefix: str) -> None:
+    # ZREM of the only member deleted the key with its TTL; ZADD made it again without one. The sum then
+    # expired alone, and the next acquire took that call's tokens off a sum begun again at 0: the window
+    # admitted its limit plus them.
+    redis = Redis.from_url(REDIS_URL)
+    limiter = Limiter(redis, {"p": Limit(tokens_per_minute=1000)}, prefix, window_s=1.0)
+    try:
+        await limiter.settle(await limiter.acquire("p", "m", 600), 100)
+        await limiter.flush()
+        assert await _token_sum(redis, prefix) == 100
+        assert await redis.pttl(f"{prefix}:rl:p:tpm") > 0
+        await asyncio.sleep(3.2)  # both keys gone (TTL: a window and a second, plus a window)
+        assert await redis.exists(f"{prefix}:rl:p:tpm", f"{prefix}:rl:p:tpm:sum") == 0
+        await limiter.acquire("p", "m", 600)
+        with pytest.raises(ProviderError):  # 600 + 500 > 1000 in one window: waits past its deadline
+            await limiter.acquire("p", "m", 500, deadline_s=time.monotonic() + 0.2)
     finally:
         await limiter.aclose()
         await redis.aclose()
