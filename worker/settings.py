@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, StrictInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts import ProviderName, Topics
+
+_LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "max_concurrency")
 
 _CONFIG = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
@@ -169,11 +171,30 @@ class ResilienceSettings(BaseSettings):
         ge=0,
         description="A call our deadline cut after this long counts as a timeout; 0: never.",
     )
-    rate_limits: dict[str, dict[str, int]] = Field(
+    rate_limits: dict[str, dict[str, StrictInt]] = Field(
         default_factory=dict,
         description='JSON: {"openai": {"requests_per_minute": 500, "tokens_per_minute": 200000, '
         '"max_concurrency": 50}, "openai:gpt-4.1": {...}}',
     )
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _limits_name_a_provider_and_are_positive(
+        cls, value: dict[str, dict[str, int]]
+    ) -> dict[str, dict[str, int]]:
+        """Refused at start-up, not ignored: a scope that names no provider (a typo), a limit of unknown
+        name, or one below 1 (0 read as "no limit", a negative one broke the shared limiter's script)."""
+        providers = sorted(p.value for p in ProviderName)
+        for scope, spec in value.items():
+            if scope.split(":", 1)[0] not in providers:
+                raise ValueError(f"{scope!r}: not a provider, nor provider:model ({', '.join(providers)})")
+            for name, limit in spec.items():
+                if name not in _LIMIT_NAMES:
+                    raise ValueError(f"{scope!r}: unknown limit {name!r} ({', '.join(_LIMIT_NAMES)})")
+                if limit < 1:
+                    raise ValueError(f"{scope!r}: {name} must be at least 1 (leave it out for no limit)")
+        return value
+
     expected_replicas: int = Field(default=1, ge=1, description="Local share = limit / this, Redis down.")
     rate_limit_max_wait_s: float = Field(default=120.0, ge=0, description="Wait for capacity, no deadline.")
     hedge_enabled: bool = Field(

@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -18,6 +19,7 @@ from worker import metrics
 from worker.errors import ProviderError
 from worker.limits import FifoSlots, Limit, Limiter, estimate_tokens
 from worker.providers.base import ComparisonCall
+from worker.settings import ResilienceSettings
 
 
 def local_limiter(limits: dict[str, Limit], time_: FakeTime, replicas: int = 1) -> Limiter:
@@ -265,3 +267,19 @@ async def test_a_call_waiting_for_its_models_own_limit_holds_none_of_the_provide
     granted = await asyncio.wait_for(second, 5)  # and the second gets its turn, with its slots
     assert len(granted.slots) == (2 if big.max_concurrency else 1)
     await limiter.settle(granted, 1)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"openai": {"requests_per_minute": 0}},  # read as no limit at all
+        {"openai": {"max_concurrency": -1}},  # every call waited for its deadline
+        {"openai": {"tokens_per_minute": True}},
+        {"OpenAI:gpt-4.1": {"requests_per_minute": 5}},  # a scope that names no provider was ignored
+        {"openai": {"rpm": 5}},
+    ],
+)
+def test_rate_limits_that_would_not_limit_as_written_are_refused_at_start(limits: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        ResilienceSettings(rate_limits=limits)  # type: ignore[arg-type]
+    assert ResilienceSettings(rate_limits={"openai:gpt-4.1": {"tokens_per_minute": 1000}}).rate_limits
