@@ -85,6 +85,7 @@ class ConsumeLoop:
         #: Partitions paused because a request at their watermark does not finish while the ones after it
         #: do: fetching from them resumes once half of what was taken past it has been committed.
         self._held: set[TopicPartition] = set()
+        self._paused_poll = False
         self._finished_since_commit = 0
         self._capacity = asyncio.Event()
         self._commit_soon = asyncio.Event()
@@ -131,7 +132,11 @@ class ConsumeLoop:
                 # Full for a long time: poll with every partition paused, so that this member is not taken
                 # for dead (max.poll.interval.ms) however long the provider calls take.
                 self.consumer.pause(*self.consumer.assignment())
-                await self._getmany(timeout_ms=0)
+                self._paused_poll = True  # a partition released meanwhile is resumed after it, not during
+                try:
+                    await self._getmany(timeout_ms=0)
+                finally:
+                    self._paused_poll = False
                 self.consumer.resume(*(self.consumer.assignment() - self._held))
             return
         if self._paused:
@@ -265,7 +270,9 @@ class ConsumeLoop:
             return
         self._held.discard(tp)
         metrics.HELD_PARTITIONS.set(len(self._held))
-        if tp in self.consumer.assignment():
+        # Not while the paused poll runs: records it returned for a partition resumed under it are dropped
+        # (and the position moved past them); the resume after that poll takes this one too.
+        if tp in self.consumer.assignment() and not self._paused_poll:
             self.consumer.resume(tp)
         log.info("partition released", extra={"partition": tp.partition, "span": tracker.span})
 

@@ -248,7 +248,7 @@ class Handler:
             # sent counts at its estimate (the provider had the prompt), as a call cut by a deadline does.
             if self.spend is not None and (held is not None or self.spend.counts(request.organization_id)):
                 sent_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
-                await self.spend.record(request.organization_id, sent_usd, held)
+                await self.spend.record(request.organization_id, sent_usd, held, alert=False)
             raise
         if self.spend is None or not self.spend.counts(request.organization_id):
             return outcome, []

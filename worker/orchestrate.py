@@ -454,7 +454,7 @@ class Orchestrator:
             breaker.record(error.code if error else None, ticket)
             if error is None:
                 self.router.observe_latency(call.provider, duration_s)
-            else:
+            elif error.code in _PROVIDER_HEALTH:  # not the request's own fault (a 404 model, a refusal)
                 self.router.observe_failure(call.provider)
         estimated = usage is None and unanswered
         if estimated:
@@ -517,6 +517,18 @@ class Orchestrator:
 
 
 _ATTEMPTS_PER_REQUEST = metrics.labelled(metrics.ATTEMPTS_PER_REQUEST)
+
+#: Failures that say how the provider is doing (the latency router counts them against it), unlike those
+#: the request caused (a model it does not have, content it refuses, a prompt too long).
+_PROVIDER_HEALTH = frozenset(
+    {
+        ErrorCode.TIMEOUT,
+        ErrorCode.CONNECTION_ERROR,
+        ErrorCode.EXTERNAL_SERVICE_ERROR,
+        ErrorCode.RATE_LIMIT,
+        ErrorCode.AUTHENTICATION_ERROR,
+    }
+)
 
 
 @functools.cache

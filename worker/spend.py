@@ -175,10 +175,15 @@ class SpendTracker:
         return BudgetHold(organization_id, hold, bucket) if hold else None
 
     async def record(
-        self, organization_id: str | None, cost_usd: float, held: BudgetHold | None = None
+        self,
+        organization_id: str | None,
+        cost_usd: float,
+        held: BudgetHold | None = None,
+        alert: bool = True,
     ) -> list[LLMCostAlertV1]:
         """Add a real call's cost (in the budget's window, in place of its hold); the alerts this call's
-        spend crossed (each crossing alerted once)."""
+        spend crossed (each crossing alerted once). `alert=False` (a cancelled request, which sends no
+        events): the thresholds are not looked at, so the next call records the crossing and alerts."""
         amount = max(0, round(cost_usd * NANO))
         held_nano = held.nano if held is not None and held.organization_id == organization_id else 0
         if amount <= 0 and not held_nano:
@@ -190,7 +195,7 @@ class SpendTracker:
         args: list[int | str] = []
         for c in counters:
             bucket, oldest = self._buckets(c.window_s)
-            threshold = round(c.threshold_usd * NANO) if c.threshold_usd else 0
+            threshold = round(c.threshold_usd * NANO) if c.threshold_usd and alert else 0
             keys += [c.key, f"{c.key}:alerted"]
             change = amount
             if c.scope == "budget" and held is not None and held_nano:

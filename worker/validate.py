@@ -125,6 +125,15 @@ def header_text(headers: Any, name: str) -> str | None:
     return None
 
 
+def _utf8_text(text: str) -> bool:
+    """False for text with a lone surrogate (json.loads reads "\ud83d" so): no JSON writer takes it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _as_uuid(value: Any) -> UUID | None:
     try:
         return UUID(str(value)) if value is not None else None
@@ -147,11 +156,9 @@ def _explain(
     if envelope_errors or not isinstance(data, dict) or correlation_id is None:
         fields = sorted({".".join(map(str, e["loc"])) or e["type"] for e in envelope_errors}) or ["data"]
         named = data.get("request_id") if isinstance(data, dict) else None
-        return Unparseable(
-            f"not an envelope: invalid {', '.join(fields)}",
-            correlation_id,
-            named if isinstance(named, str) and 0 < len(named) <= 200 else "",
-        )
+        if not (isinstance(named, str) and 0 < len(named) <= 200 and _utf8_text(named)):
+            named = ""
+        return Unparseable(f"not an envelope: invalid {', '.join(fields)}", correlation_id, named)
     fields = sorted({".".join(map(str, e["loc"][1:])) for e in exc.errors()})
     request_id = data.get("request_id")
     callback = data.get("callback_topic")

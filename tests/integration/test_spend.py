@@ -183,7 +183,7 @@ async def test_a_call_cancelled_after_it_was_sent_counts_at_its_estimate(
     from worker.settings import KafkaSettings
     from worker.validate import decode_request
 
-    spend = tracker(org_budget_usd=1.0)
+    spend = tracker(org_budget_usd=1.0, cost_alert_threshold_usd=0.25)
     started = asyncio.Event()
 
     class SentThenCancelled:
@@ -213,6 +213,9 @@ async def test_a_call_cancelled_after_it_was_sent_counts_at_its_estimate(
     with pytest.raises(RequestRejected):
         await spend.check_budget("org1", 0.8)  # 0.3 counted
     assert await spend.check_budget("org1", 0.7) is not None
+    # The 0.3 crossed the alert threshold; a cancelled request sends no events, so the next call alerts.
+    [alert] = await spend.record("org1", 0.01)
+    assert alert.scope == "global" and alert.spend_usd == pytest.approx(0.31)
 
 
 async def test_an_organization_with_a_budget_cannot_call_a_model_without_a_price(tracker) -> None:

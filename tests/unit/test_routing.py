@@ -179,3 +179,23 @@ async def test_the_orchestrator_counts_a_failed_call_as_a_failure_not_as_its_lat
     )
     assert outcome.error is not None
     assert router.latency_ewma_s["google"] == Router.FAILURE_PENALTY_S
+
+
+async def test_a_failure_the_request_caused_does_not_count_against_the_provider() -> None:
+    from contracts import ErrorCode
+    from worker.errors import ProviderError
+
+    class NoSuchModel(Named):
+        async def compare(self, call: ComparisonCall) -> Answer:
+            raise ProviderError(
+                ErrorCode.CONFIGURATION_ERROR, "HTTP 404: model not found", provider=self.name
+            )
+
+    router = Router(Strategy.LATENCY, PRICES)
+    router.observe_latency("anthropic", 1.0)
+    o = Orchestrator(
+        {"anthropic": NoSuchModel("anthropic", "a")}, PRICES, ProviderName.ANTHROPIC, router=router
+    )  # type: ignore[dict-item]
+    call = ComparisonCall(provider="anthropic", model="bad-model", system_prompt="s", user_prompt="u")
+    outcome = await o.run(call, None)
+    assert outcome.error is not None and router.latency_ewma_s["anthropic"] == 1.0

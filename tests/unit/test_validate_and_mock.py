@@ -241,3 +241,14 @@ def test_a_callback_topic_of_the_services_own_is_invalid_and_answered_on_the_res
     assert decode_request(raw, None, topics.comparison_result, topics.not_callbacks).callback_topic == (
         topics.comparison_result
     )
+
+
+def test_an_unparseable_requests_id_that_no_json_writer_takes_is_left_out() -> None:
+    # json.loads reads a lone surrogate the envelope parser refuses: the failure event naming it could not
+    # be serialised, and the record went poison without it.
+    raw = b'{"correlation_id": "%s", "data": {"request_id": "r-\\ud83d", "user_prompt": "x"}}' % (
+        str(uuid.uuid4()).encode()
+    )
+    with pytest.raises(Unparseable) as caught:
+        decode_request(raw, None, DEFAULT_TOPIC)
+    assert caught.value.request_id == ""
