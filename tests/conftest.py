@@ -182,6 +182,22 @@ class Kafka:
     def of(self, topic: str) -> list[dict[str, Any]]:
         return self.events.get(topic, [])
 
+    async def caught_up(self, timeout_s: float = 10) -> None:
+        """Until every topic is read up to its end as of this call: an event absent then was not on Kafka
+        (acknowledged) when it was called. For "nothing else arrived" checks, which otherwise pass when
+        the reader lags behind."""
+        tps = list(self._consumer.assignment())
+        ends = await self._consumer.end_offsets(tps)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            behind = [tp for tp in tps if await self._consumer.position(tp) < ends[tp]]
+            if not behind:
+                return
+            if loop.time() > deadline:
+                raise AssertionError(f"reader still behind on {behind} after {timeout_s}s")
+            await asyncio.sleep(0.05)
+
     async def wait_for(
         self,
         topic: str,

@@ -169,6 +169,7 @@ async def test_a_crash_before_the_outcome_was_stored_replays_the_calls_cost_from
             await kafka.send(env)
             results = await kafka.wait_for(kafka.topics.comparison_result, 2)
             costs = await kafka.wait_for(kafka.topics.cost_tracking, 2)
+            await kafka.caught_up()  # for the cache-hit topic checked empty below
             calls = runtime.providers["mock"].calls
     finally:
         await redis.aclose()

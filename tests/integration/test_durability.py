@@ -269,7 +269,7 @@ async def test_a_member_giving_its_calls_their_grace_on_revocation_stays_in_the_
             }:
                 assert loop.time() < end, "offsets never committed"
                 await asyncio.sleep(0.2)
-            await asyncio.sleep(0.5)  # a result published before that commit is read by now
+            await kafka.caught_up()  # every result published before that commit is read by now
     counts = Counter(e["data"]["request_id"] for e in kafka.of(kafka.topics.comparison_result))
     assert set(counts) == {e.data.request_id for e in envelopes}
     assert set(counts.values()) == {1}, counts
@@ -600,7 +600,8 @@ async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_
         [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
         await runtime.loop.commit()
         assert await committed_offsets(settings, 1) == {0: 1}
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # time for a second result, if one were coming
+        await kafka.caught_up()
     results = [
         r for r in kafka.of(kafka.topics.comparison_result) if r["data"]["request_id"] == env.data.request_id
     ]
@@ -706,7 +707,8 @@ async def test_a_poison_message_whose_result_takes_retries_to_land_is_dead_lette
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1, timeout_s=60)
         await runtime.loop.commit()
         assert await committed_offsets(settings, 1) == {0: 1}
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # time for a second result, if one were coming
+        await kafka.caught_up()
     assert refusals == [2]
     assert len(kafka.of(kafka.topics.dlq)) == 1  # not once per try of the result
     assert result["data"]["error_detail"]["error_code"] == "PROCESSING_ERROR"

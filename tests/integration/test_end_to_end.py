@@ -48,6 +48,7 @@ async def test_result_goes_to_the_callback_topic(prefix, topics_for, kafka_for) 
     async with running_worker(settings):
         await kafka.send(env)
         found = await other.wait_for(callback, 1, where=lambda e: e["event_type"] == "LLMComparisonResultV1")
+        await kafka.caught_up()
     assert found[0]["data"]["request_id"] == env.data.request_id
     assert kafka.of(kafka.topics.comparison_result) == []
 
@@ -190,6 +191,7 @@ async def test_created_topics_have_a_leader_for_every_partition(prefix, topics_f
         described = await admin.describe_topics(settings.kafka.topics.all())
     finally:
         await admin.close()
+    assert sorted(t["topic"] for t in described) == sorted(settings.kafka.topics.all())
     for topic in described:
         expected = (
             settings.kafka.request_topic_partitions
@@ -245,6 +247,7 @@ async def test_a_request_naming_the_request_topic_as_its_callback_gets_one_valid
         await kafka.send(request_envelope(request_id="after-1"))
         results = await kafka.wait_for(kafka.topics.comparison_result, 2)
         await asyncio.sleep(0.5)  # a result read back as a request would add a second one for loop-1
+        await kafka.caught_up()
     mine = [
         r["data"] for r in kafka.of(kafka.topics.comparison_result) if r["data"]["request_id"] == "loop-1"
     ]

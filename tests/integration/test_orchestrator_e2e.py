@@ -40,6 +40,7 @@ async def test_request_allowing_fallback_is_answered_by_the_next_provider(
         await kafka.send(request_envelope(allow_fallback=True))
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1)
         [cost] = await kafka.wait_for(kafka.topics.cost_tracking, 1)
+        await kafka.caught_up()  # for the failure topic checked empty below
     data = result["data"]
     assert data["winner"] in ("Essay A", "Essay B") and data["error_detail"] is None
     meta = data["request_metadata"]

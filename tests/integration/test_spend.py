@@ -271,6 +271,8 @@ async def test_an_organization_with_a_budget_cannot_call_a_model_without_a_price
 async def test_budget_is_per_organization(tracker) -> None:
     spend = tracker(org_budget_usd=1.0)
     await spend.record("org1", 1.5)
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.5)
     await spend.check_budget("org2", 0.5)
     await spend.check_budget(None, 0.5)
 
@@ -279,6 +281,8 @@ async def test_budget_window_lets_old_spend_go(tracker) -> None:
     clock = Clock()
     spend = tracker(clock, org_budget_usd=1.0, org_budget_window_s=86_400)
     await spend.record("org1", 1.0)
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.5)
     clock.now += 86_400
     await spend.check_budget("org1", 0.5)
 

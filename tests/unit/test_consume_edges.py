@@ -142,9 +142,22 @@ async def test_a_held_partition_is_forgotten_on_revocation() -> None:
     assert loop._held == set() and metrics.HELD_PARTITIONS._value.get() == 0
 
 
-async def test_a_partition_released_during_the_paused_poll_is_resumed_after_it_not_during() -> None:
-    # Resumed under that poll, its buffered records would come back in a batch that is dropped.
-    consumer = PausingConsumer()
+async def test_a_partition_released_during_the_paused_poll_is_resumed_after_it_not_during(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Resumed under that poll, its buffered records would come back in a batch that is dropped; not
+    # resumed after it, it would stay paused for good.
+    monkeypatch.setattr(consume, "_FULL_POLL_S", 0.01)
+    seen_during: list[set[TopicPartition]] = []
+
+    class ReleasingConsumer(PausingConsumer):
+        async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, Any]:
+            tracker.finish(0)  # the stuck request finishes while the paused poll runs
+            loop._release_if_caught_up(TP, tracker)
+            seen_during.append(set(self.paused))
+            return {}
+
+    consumer = ReleasingConsumer()
     loop = ConsumeLoop(
         consumer, "requests", _nothing, _nothing, FlowSettings(max_uncommitted_per_partition=2)
     )  # type: ignore[arg-type]
@@ -152,10 +165,9 @@ async def test_a_partition_released_during_the_paused_poll_is_resumed_after_it_n
     tracker = loop.trackers[TP]
     tracker.admit(0)
     tracker.admit(1)
-    loop._hold(TP, tracker)
-    consumer.pause(TP)
-    loop._paused_poll = True
-    tracker.finish(0)
     tracker.finish(1)
-    loop._release_if_caught_up(TP, tracker)
-    assert TP not in loop._held and consumer.paused == {TP}  # still paused while the poll runs
+    loop._hold(TP, tracker)
+    loop.in_flight = loop.flow.max_in_flight  # the window is full: the loop polls with everything paused
+    await loop._fetch_once()
+    assert seen_during == [{TP}]  # released, but not resumed under the poll
+    assert TP not in loop._held and consumer.paused == set()  # resumed after it
