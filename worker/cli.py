@@ -52,14 +52,14 @@ async def create_topics(kafka: KafkaSettings) -> None:
     try:
         existing = set(await admin.list_topics())
         topics = kafka.topics
+        configured = {
+            name: kafka.request_topic_partitions
+            if name == topics.comparison_request
+            else kafka.topic_partitions
+            for name in topics.all()
+        }
         wanted = [
-            NewTopic(
-                name,
-                kafka.request_topic_partitions
-                if name == topics.comparison_request
-                else kafka.topic_partitions,
-                kafka.topic_replication_factor,
-            )
+            NewTopic(name, configured[name], kafka.topic_replication_factor)
             for name in topics.all()
             if name not in existing
         ]
@@ -78,6 +78,17 @@ async def create_topics(kafka: KafkaSettings) -> None:
                     raise RuntimeError(f"topics not created: {'; '.join(refused)}")
         if wanted:
             await _until_led(admin, {t.name: t.num_partitions for t in wanted})
+        present = [name for name in topics.all() if name in existing]
+        short = [
+            f"{t['topic']} has {len(t['partitions'])}, {configured[t['topic']]} configured"
+            for t in (await admin.describe_topics(present) if present else [])
+            if t["error_code"] == 0 and len(t["partitions"]) < configured[t["topic"]]
+        ]
+        if short:  # e.g. made by the broker's auto-creation (num.partitions) when a client used it first
+            raise RuntimeError(
+                f"topics exist with fewer partitions than configured: {'; '.join(short)} "
+                "(add partitions with kafka-topics.sh --alter, or delete and create them again)"
+            )
         for name in topics.all():
             print(f"{name}: {'created' if name not in existing else 'exists'}")
     finally:

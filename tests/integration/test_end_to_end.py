@@ -235,6 +235,28 @@ async def test_topics_the_broker_refuses_to_create_fail_at_once_with_its_reason(
     assert time.monotonic() - started < 10  # not the 30 s wait for leaders of topics that never came
 
 
+async def test_topics_that_exist_with_fewer_partitions_than_configured_are_reported_not_passed(
+    prefix, infra
+) -> None:
+    # As the broker's auto-creation makes them (num.partitions=1) when a client uses a topic first.
+    import pytest
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from worker.cli import create_topics
+
+    settings = make_settings(prefix, partitions=12)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(settings.kafka.topics.comparison_request, 1, 1)])
+    finally:
+        await admin.close()
+    with pytest.raises(
+        RuntimeError, match=r"fewer partitions than configured: .*comparison_request.* has 1, 12"
+    ):
+        await create_topics(settings.kafka)
+
+
 async def test_a_request_naming_the_request_topic_as_its_callback_gets_one_validation_error(
     prefix, topics_for, kafka_for
 ) -> None:
