@@ -204,7 +204,16 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
 async def end_to_end(base_url: str, n: int, in_flight: int, mock_ms: float | None = None) -> None:
     """With `mock_ms`, the same worker run on the mock provider at that latency instead of HTTP: the
     difference in worker CPU per request is what the HTTP path costs inside the worker."""
-    from bench.bench_worker import Topology, _cpu_s, _payloads, _produce_all, _reader, _start, _stop
+    from bench.bench_worker import (
+        Topology,
+        _cpu_s,
+        _delete_topics,
+        _payloads,
+        _produce_all,
+        _reader,
+        _start,
+        _stop,
+    )
 
     topo = Topology()
     await topo.create()
@@ -237,7 +246,8 @@ async def end_to_end(base_url: str, n: int, in_flight: int, mock_ms: float | Non
                 last, cpu_last = now, cpu
                 seen += len(records)
                 ok += sum(1 for r in records if b'"winner":"Essay' in r.value)
-        rate = (seen - 1) / (last - first) if seen > 1 and last > first else 0.0
+        # Answered results only: a failure is not throughput (a run with failures says so below).
+        rate = (ok - 1) / (last - first) if ok > 1 and last > first else 0.0
         cpu_ms = (cpu_last - cpu_first) / max(1, seen - 1) * 1000
         print(
             f"{label:<18} {rate:8.0f} req/s  {cpu_ms:6.3f} ms worker CPU/req (whole path)  "
@@ -247,6 +257,8 @@ async def end_to_end(base_url: str, n: int, in_flight: int, mock_ms: float | Non
     finally:
         _stop(proc)
         await reader.stop()
+        await topo.forget_keys()  # its idempotency records (24 h TTL), as bench_worker does
+        await _delete_topics([topo])
 
 
 def main() -> None:
