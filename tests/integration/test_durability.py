@@ -57,6 +57,22 @@ async def _run_loop(
     return loop, asyncio.create_task(loop.run())
 
 
+def _offset_0_held(release: asyncio.Event, started: list[int], finished: list[int]) -> tuple[Handle, Poison]:
+    """A handler that holds offset 0 until `release` while the others finish at once (noting each
+    offset's start and finish), and a poison handler that fails the test."""
+
+    async def handle(record: ConsumerRecord) -> None:
+        started.append(record.offset)
+        if record.offset == 0:
+            await release.wait()
+        finished.append(record.offset)
+
+    async def poison(record: ConsumerRecord, error: BaseException) -> None:
+        raise AssertionError("no poison expected")
+
+    return handle, poison
+
+
 def _refuse_topic(runtime: Any, topic: str) -> None:
     """Make the worker's producer refuse every event for `topic`, as for a topic that does not exist where
     the broker creates none."""
@@ -78,16 +94,7 @@ async def test_commit_stays_at_lowest_unfinished_offset_until_it_finishes(prefix
         await kafka.send_raw(b"payload %d" % i)
     release = asyncio.Event()
     finished: list[int] = []
-
-    async def handle(record: ConsumerRecord) -> None:
-        if record.offset == 0:
-            await release.wait()
-        finished.append(record.offset)
-
-    async def poison(record: ConsumerRecord, error: BaseException) -> None:
-        raise AssertionError("no poison expected")
-
-    loop, task = await _run_loop(settings, handle, poison)
+    loop, task = await _run_loop(settings, *_offset_0_held(release, [], finished))
     try:
         await _until(lambda: len(finished) == 99, what="offsets 1..99 to finish")
         await loop.commit()
@@ -114,17 +121,7 @@ async def test_a_partition_stuck_behind_one_request_stops_being_fetched_past_the
     release = asyncio.Event()
     started: list[int] = []
     finished: list[int] = []
-
-    async def handle(record: ConsumerRecord) -> None:
-        started.append(record.offset)
-        if record.offset == 0:
-            await release.wait()
-        finished.append(record.offset)
-
-    async def poison(record: ConsumerRecord, error: BaseException) -> None:
-        raise AssertionError("no poison expected")
-
-    loop, task = await _run_loop(settings, handle, poison)
+    loop, task = await _run_loop(settings, *_offset_0_held(release, started, finished))
     try:
         await _until(lambda: len(finished) >= 19, what="the records up to the cap to finish")
         await asyncio.sleep(1.0)  # uncapped, the other 80 would be taken and finished by now
