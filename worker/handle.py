@@ -441,7 +441,7 @@ class Handler:
             provider=provider,
             model=model,
             cost_estimate=0.0,
-            requested_at=utc_now(),
+            requested_at=exc.requested_at or utc_now(),
         )
         failure = LLMProviderFailureV1(
             request_id=exc.request_id,

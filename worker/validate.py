@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from contracts import EventEnvelope, LLMComparisonRequestV1, ProviderName
 from contracts.requests import TOPIC_NAME_PATTERN
@@ -58,6 +58,7 @@ class Invalid(Exception):
         request_id: str,
         callback_topic: str,
         provider: str | None = None,
+        requested_at: datetime | None = None,
     ) -> None:
         super().__init__(reason)
         self.fields = fields
@@ -67,6 +68,8 @@ class Invalid(Exception):
         self.callback_topic = callback_topic
         #: The provider the request named, when it named a known one (echoed on the failure result).
         self.provider = provider
+        #: The envelope's event time when it could be read (the result's requested_at), else None.
+        self.requested_at = requested_at
 
 
 def decode_request(
@@ -104,6 +107,7 @@ def decode_request(
             request_id=job.request_id,
             callback_topic=default_topic,
             provider=overrides.provider_override.value if overrides and overrides.provider_override else None,
+            requested_at=job.requested_at,
         )
     return job
 
@@ -123,6 +127,20 @@ def header_text(headers: Any, name: str) -> str | None:
         if key == name and value:  # a header value may be null
             return bytes(value).decode(errors="replace")
     return None
+
+
+def _event_time(value: Any) -> datetime | None:
+    """An envelope's event_timestamp as the model reads it (naive taken as UTC), or None."""
+    if value is None:
+        return None
+    try:
+        at = _DATETIME.validate_python(value)
+    except ValidationError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+_DATETIME = TypeAdapter(datetime)
 
 
 def _utf8_text(text: str) -> bool:
@@ -178,4 +196,5 @@ def _explain(
         if isinstance(callback, str) and callback and len(callback) <= 249 and _TOPIC_NAME.fullmatch(callback)
         else default_topic,
         provider=named if isinstance(named, str) and named in _PROVIDERS else None,
+        requested_at=_event_time(doc.get("event_timestamp")),
     )

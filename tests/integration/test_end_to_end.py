@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from datetime import datetime
 
 from tests.conftest import make_settings, request_envelope, running_worker
 
@@ -116,6 +117,7 @@ async def test_schema_violation_yields_validation_error_naming_fields(prefix, to
     assert detail["error_code"] == "VALIDATION_ERROR"
     assert detail["details"]["retryable"] is False
     assert detail["operation"] == "validate" and "operation" not in detail["details"]
+    assert datetime.fromisoformat(failed["requested_at"]) == good.event_timestamp  # not the failure's time
     assert set(detail["details"]["fields"]) == {"user_prompt", "llm_config_overrides.temperature_override"}
     assert failed["winner"] is None
     assert failed["provider"] == "anthropic"  # the upstream model only accepts real provider names

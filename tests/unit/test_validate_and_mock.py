@@ -252,3 +252,17 @@ def test_an_unparseable_requests_id_that_no_json_writer_takes_is_left_out() -> N
     with pytest.raises(Unparseable) as caught:
         decode_request(raw, None, DEFAULT_TOPIC)
     assert caught.value.request_id == ""
+
+
+def test_an_invalid_requests_event_time_is_kept_for_its_result() -> None:
+    doc = {
+        "correlation_id": str(uuid.uuid4()),
+        "event_timestamp": "2026-01-01T10:00:00",  # naive: taken as UTC, as for a valid request
+        "data": {"user_prompt": ""},
+    }
+    with pytest.raises(Invalid) as caught:
+        decode_request(json.dumps(doc).encode(), None, DEFAULT_TOPIC)
+    assert caught.value.requested_at == datetime(2026, 1, 1, 10, tzinfo=UTC)
+    doc["event_timestamp"] = "not a time"
+    with pytest.raises(Unparseable):  # an envelope field: not an envelope
+        decode_request(json.dumps(doc).encode(), None, DEFAULT_TOPIC)
