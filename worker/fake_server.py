@@ -147,6 +147,8 @@ class FakeProviderServer:
             return failure
         if (failure := _failure("openai", scenario)) is not None:
             return failure
+        if not request.path.startswith("/api/") and (refused := _openai_parameters(body)) is not None:
+            return refused
         messages = body.get("messages") or []
         text = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         system = next((str(m.get("content")) for m in messages if m.get("role") == "system"), "")
@@ -479,3 +481,51 @@ def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None 
     return web.Response(
         body=pydantic_core.to_json(body), status=status, headers=headers, content_type="application/json"
     )
+
+
+def _openai_parameters(body: dict[str, Any]) -> web.Response | None:
+    """OpenAI's 400s for parameters a model does not take, as its API words them: reasoning models (o-series,
+    gpt-5 but its chat and search models) take max_completion_tokens, no max_tokens, only the default
+    temperature, and reasoning_effort values by family ("none" from gpt-5.1 on, "minimal" on gpt-5 only);
+    other models refuse reasoning_effort."""
+    model = str(body.get("model", "")).rsplit("/", 1)[-1]
+    reasoning = model.startswith(("o1", "o3", "o4", "gpt-5")) and not model.startswith(
+        ("gpt-5-chat", "gpt-5-search")
+    )
+
+    def refuse(message: str, param: str, code: str | None) -> web.Response:
+        error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+        return web.json_response({"error": error}, status=400)
+
+    if not reasoning:
+        if "reasoning_effort" in body:
+            return refuse(
+                "Unrecognized request argument supplied: reasoning_effort", "reasoning_effort", None
+            )
+        return None
+    if "max_tokens" in body:
+        return refuse(
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            "max_tokens",
+            "unsupported_parameter",
+        )
+    if body.get("temperature", 1) != 1:
+        return refuse(
+            f"Unsupported value: 'temperature' does not support {body['temperature']} with this model. "
+            "Only the default (1) value is supported.",
+            "temperature",
+            "unsupported_value",
+        )
+    effort = body.get("reasoning_effort")
+    takes = {"low", "medium", "high"} | ({"minimal"} if model.startswith("gpt-5") else set())
+    if model.startswith("gpt-5."):
+        takes |= {"none"}
+    if effort is not None and effort not in takes:
+        return refuse(
+            f"Unsupported value: '{effort}' is not supported with the '{model}' model. "
+            f"Supported values are: {', '.join(repr(v) for v in sorted(takes))}.",
+            "reasoning_effort",
+            "unsupported_value",
+        )
+    return None

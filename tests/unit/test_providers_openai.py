@@ -259,3 +259,41 @@ async def test_openrouter_routes_a_json_schema_request_only_to_hosts_that_take_i
     assert schema["response_format"]["type"] == "json_schema"
     assert schema["provider"] == {"require_parameters": True}
     assert plain["response_format"] == {"type": "json_object"} and "provider" not in plain
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param"),
+    [
+        ("o4-mini", {"temperature": 0.5}, "temperature"),
+        ("o4-mini", {"max_tokens": 300}, "max_tokens"),
+        ("o4-mini", {"reasoning_effort": "none"}, "reasoning_effort"),
+        ("gpt-5", {"reasoning_effort": "none"}, "reasoning_effort"),
+        ("gpt-4.1-mini", {"reasoning_effort": "low"}, "reasoning_effort"),
+    ],
+)
+async def test_the_fake_openai_refuses_what_the_real_one_refuses_and_the_worker_sends_none_of_it(
+    model: str, body: dict[str, object], param: str
+) -> None:
+    import httpx
+
+    from worker.providers.http import classify_error
+
+    async with fake_server() as (_, url):
+        async with httpx.AsyncClient() as client:
+            raw = {"model": model, "messages": [{"role": "user", "content": "x"}], **body}
+            response = await client.post(f"{url}/v1/chat/completions", json=raw)
+        provider = build_provider(ProviderName.OPENAI, settings_for(url))
+        assert provider is not None
+        effort = body.get("reasoning_effort")
+        call = make_call(
+            "openai",
+            model,
+            temperature=body.get("temperature"),  # type: ignore[arg-type]
+            max_tokens=body.get("max_tokens"),  # type: ignore[arg-type]
+            reasoning_effort=effort if effort is not None and model != "gpt-4.1-mini" else None,  # type: ignore[arg-type]
+        )
+        answer = await provider.compare(call)  # the same intent, as the worker words it: accepted
+        await provider.aclose()
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert classify_error("openai", 400, response.content, {}).code is ErrorCode.VALIDATION_ERROR
+    assert answer.winner in ("Essay A", "Essay B")
