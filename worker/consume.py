@@ -346,9 +346,8 @@ class ConsumeLoop:
                     task.cancel()
                 self.trackers.pop(tp, None)
             self._revoking.difference_update(mine)
-            if self._held & set(mine):  # a new assignment starts unpaused
-                self._held.difference_update(mine)
-                metrics.HELD_PARTITIONS.set(len(self._held))
+            self._held.difference_update(mine)  # a new assignment starts unpaused
+            metrics.HELD_PARTITIONS.set(len(self._held))
         log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in mine)})
 
     async def _commit_bounded(self, only: list[TopicPartition] | None, when: str) -> None:

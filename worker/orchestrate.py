@@ -29,7 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from contracts import ErrorCode, LLMComparisonRequestV1, ProviderName, TokenUsage, utc_now
 from worker import metrics
-from worker.breaker import BreakerPolicy, Breakers, CircuitBreaker
+from worker.breaker import COUNTED, BreakerPolicy, Breakers, CircuitBreaker
 from worker.errors import ProviderError, RequestRejected, WorkerError
 from worker.limits import Limiter, estimate_prompt_tokens, estimate_tokens, parse_limits, rate_counted_tokens
 from worker.metrics import HistogramTally, Tally
@@ -518,17 +518,9 @@ class Orchestrator:
 
 _ATTEMPTS_PER_REQUEST = metrics.labelled(metrics.ATTEMPTS_PER_REQUEST)
 
-#: Failures that say how the provider is doing (the latency router counts them against it), unlike those
-#: the request caused (a model it does not have, content it refuses, a prompt too long).
-_PROVIDER_HEALTH = frozenset(
-    {
-        ErrorCode.TIMEOUT,
-        ErrorCode.CONNECTION_ERROR,
-        ErrorCode.EXTERNAL_SERVICE_ERROR,
-        ErrorCode.RATE_LIMIT,
-        ErrorCode.AUTHENTICATION_ERROR,
-    }
-)
+#: Failures that say how the provider is doing (the latency router counts them against it): the breaker's,
+#: a rate limit and a refused key; not those the request caused (a model it lacks, a refusal, a long prompt).
+_PROVIDER_HEALTH = COUNTED | {ErrorCode.RATE_LIMIT, ErrorCode.AUTHENTICATION_ERROR}
 
 
 @functools.cache

@@ -137,12 +137,6 @@ async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
     tracker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A revocation or shutdown past its grace cancels calls: their holds must not stay for the window."""
-    from worker import handle
-    from worker.handle import Handler
-    from worker.providers.base import ComparisonCall
-    from worker.settings import KafkaSettings
-    from worker.validate import decode_request
-
     spend = tracker(org_budget_usd=1.0)
     started = asyncio.Event()
 
@@ -153,20 +147,39 @@ async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
             started.set()
             await asyncio.Event().wait()
 
+    task = await _budgeted_call_started(spend, HangingOrchestrator(), started, monkeypatch)
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.6)  # 0.5 is held
+    await _cancel(task)
+    assert await spend.check_budget("org1", 1.0) is not None  # given back
+
+
+async def _budgeted_call_started(
+    spend: SpendTracker, orchestrator: Any, started: asyncio.Event, monkeypatch: pytest.MonkeyPatch
+) -> asyncio.Task[Any]:
+    """Handler._call of an org1 request (its budget check holds an estimate of 0.5) on `orchestrator`,
+    once the orchestrator's run has set `started`."""
+    from worker import handle
+    from worker.handle import Handler
+    from worker.providers.base import ComparisonCall
+    from worker.settings import KafkaSettings
+    from worker.validate import decode_request
+
     monkeypatch.setattr(handle, "estimate_call_usd", lambda prices, call: 0.5)
     topics = KafkaSettings().topics
-    handler = Handler(HangingOrchestrator(), None, None, topics, "test", spend=spend)  # type: ignore[arg-type]
+    handler = Handler(orchestrator, None, None, topics, "test", spend=spend)  # type: ignore[arg-type]
     env = request_envelope(organization_id="org1")
     job = decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
     call = ComparisonCall(provider="openai", model="m", system_prompt="s", user_prompt="u")
     task = asyncio.create_task(handler._call(job, call, None, budgeted=True))
     await asyncio.wait_for(started.wait(), 5)
-    with pytest.raises(RequestRejected):
-        await spend.check_budget("org1", 0.6)  # 0.5 is held
+    return task
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await spend.check_budget("org1", 1.0) is not None  # given back
 
 
 async def test_a_call_cancelled_after_it_was_sent_counts_at_its_estimate(
@@ -175,13 +188,8 @@ async def test_a_call_cancelled_after_it_was_sent_counts_at_its_estimate(
     """Cancelled once the provider had the prompt: the orchestrator records the cut call at its estimate
     (as for a deadline's cut), and that is what the budget keeps, not 0."""
     from contracts import TokenUsage, utc_now
-    from worker import handle
-    from worker.handle import Handler
     from worker.orchestrate import Attempt
     from worker.pricing import Cost
-    from worker.providers.base import ComparisonCall
-    from worker.settings import KafkaSettings
-    from worker.validate import decode_request
 
     spend = tracker(org_budget_usd=1.0, cost_alert_threshold_usd=0.25)
     started = asyncio.Event()
@@ -199,17 +207,7 @@ async def test_a_call_cancelled_after_it_was_sent_counts_at_its_estimate(
                     Attempt("openai", "m", utc_now(), 5, usage, Cost(0.3, True), None, True)
                 )
 
-    monkeypatch.setattr(handle, "estimate_call_usd", lambda prices, call: 0.5)
-    topics = KafkaSettings().topics
-    handler = Handler(SentThenCancelled(), None, None, topics, "test", spend=spend)  # type: ignore[arg-type]
-    env = request_envelope(organization_id="org1")
-    job = decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
-    call = ComparisonCall(provider="openai", model="m", system_prompt="s", user_prompt="u")
-    task = asyncio.create_task(handler._call(job, call, None, budgeted=True))
-    await asyncio.wait_for(started.wait(), 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancel(await _budgeted_call_started(spend, SentThenCancelled(), started, monkeypatch))
     with pytest.raises(RequestRejected):
         await spend.check_budget("org1", 0.8)  # 0.3 counted
     assert await spend.check_budget("org1", 0.7) is not None

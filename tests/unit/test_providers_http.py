@@ -251,16 +251,17 @@ def test_openrouter_402_for_spent_credits_is_a_spent_quota_not_a_provider_fault(
     )  # falls back; the breaker does not count it
 
 
+def _anthropic_400(message: str) -> bytes:
+    """Anthropic's body for an invalid_request_error (HTTP 400)."""
+    return body({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
+
+
 def test_anthropic_400_for_a_credit_balance_too_low_is_a_spent_quota_not_a_bad_request() -> None:
-    doc = {
-        "type": "error",
-        "error": {
-            "type": "invalid_request_error",
-            "message": "Your credit balance is too low to access the Anthropic API. Please go to Plans & "
-            "Billing to upgrade or purchase credits.",
-        },
-    }
-    err = classify_error("anthropic", 400, body(doc), {})
+    raw = _anthropic_400(
+        "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade "
+        "or purchase credits."
+    )
+    err = classify_error("anthropic", 400, raw, {})
     assert err.code is ErrorCode.RATE_LIMIT and err.retryable is False
     assert falls_back(err)
 
@@ -275,15 +276,11 @@ def test_openrouter_429_for_its_daily_free_model_limit_is_a_spent_quota(limit: s
 
 
 def test_anthropic_400_for_input_plus_max_tokens_over_the_context_is_content_too_long() -> None:
-    doc = {
-        "type": "error",
-        "error": {
-            "type": "invalid_request_error",
-            "message": "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, "
-            "decrease input length or `max_tokens` and try again",
-        },
-    }
-    err = classify_error("anthropic", 400, body(doc), {})
+    raw = _anthropic_400(
+        "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, decrease input length "
+        "or `max_tokens` and try again"
+    )
+    err = classify_error("anthropic", 400, raw, {})
     assert err.code is ErrorCode.CONTENT_TOO_LONG and err.retryable is False
 
 
