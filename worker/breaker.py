@@ -69,9 +69,9 @@ class CircuitBreaker:
     def try_acquire(self) -> int | None:
         """May a call go through now? Its ticket (pass it to record, cut or release), or None. In half-open
         this takes one probe slot."""
-        state = self.state
-        if state is BreakerState.CLOSED:
+        if self._state is BreakerState.CLOSED:  # (only an open breaker changes with time: see state)
             return self._generation
+        state = self.state
         if (
             state is BreakerState.HALF_OPEN
             and self._probes_out + self._probes_ok < self.policy.half_open_probes

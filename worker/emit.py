@@ -88,11 +88,6 @@ def _fields_of(obj: Any) -> dict[str, Any]:
     raise TypeError(type(obj).__name__)
 
 
-def now_text() -> str:
-    """The current UTC time as the models write a datetime: for events made at one instant (`at`)."""
-    return _CLOCK.iso_now()
-
-
 def _enveloped(
     kind: Kind,
     topic: str,
@@ -104,8 +99,10 @@ def _enveloped(
     at: str | None = None,
 ) -> Outgoing:
     at = at or _CLOCK.iso_now()
+    ids = _IDS.ids
+    event_id = ids.pop() if ids else _IDS.uuid4()  # (inline: once per event)
     head = (
-        f'{{"event_id":"{_IDS.uuid4()}","event_type":"{event_type}","event_timestamp":"{at}",'
+        f'{{"event_id":"{event_id}","event_type":"{event_type}","event_timestamp":"{at}",'
         f'"source_service":{_json_str(source)},"schema_version":1,"correlation_id":"{cid}","data":'
     )
     return Outgoing(kind, topic, key, b"".join((head.encode(), data, _TAIL)), cid)
@@ -136,6 +133,9 @@ class _Clock:
 
 
 _CLOCK = _Clock()
+#: The current UTC time as the models write a datetime: for events made at one instant (`at`). The clock's
+#: own method, not a function around it: one call less per request.
+now_text = _CLOCK.iso_now
 
 
 class _RandomIds:

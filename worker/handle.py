@@ -182,9 +182,7 @@ class Handler:
         requested = job.request.cache
         policy = self.cache.policy(requested)
         if policy is CachePolicy.BYPASS:
-            metrics.labelled(
-                metrics.CACHE_BYPASS, "request" if requested is CachePolicy.BYPASS else "disabled"
-            ).inc()
+            (_BYPASS_REQUESTED if requested is CachePolicy.BYPASS else _BYPASS_DISABLED).inc()
             outcome, alerts = await self._call(job, call, deadline_s, budgeted)
             events = self._events(job, outcome, _ms_since(t0), "bypass")
             return events + alerts if alerts else events
@@ -505,6 +503,9 @@ class Handler:
         return make_dlq_record(self.topics.dlq, record.value, error, headers, source, correlation_id)
 
 
+_BYPASS_REQUESTED = metrics.labelled(metrics.CACHE_BYPASS, "request")
+_BYPASS_DISABLED = metrics.labelled(metrics.CACHE_BYPASS, "disabled")
+
 #: Error details for the worker itself, not the wire.
 _INTERNAL_DETAILS = frozenset({"usage", "cache_write_tokens", "cache_write_1h_tokens", "unanswered"})
 
@@ -608,7 +609,7 @@ def _cost_tracking(
         "user_id": job.request.user_id,
         "organization_id": job.request.organization_id,
         "service_name": service,
-        "request_timestamp": _dumpable(attempt.started_at),
+        "request_timestamp": started if (started := attempt.started_at).tzinfo is UTC else _dumpable(started),
         "response_time_ms": attempt.duration_ms,
         "usage_estimated": attempt.estimated,
     }

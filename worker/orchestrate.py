@@ -22,12 +22,12 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
-from contracts import ErrorCode, LLMComparisonRequestV1, ProviderName, TokenUsage, utc_now
+from contracts import ErrorCode, LLMComparisonRequestV1, ProviderName, TokenUsage
 from worker import metrics
 from worker.breaker import COUNTED, BreakerPolicy, Breakers, CircuitBreaker
 from worker.errors import ProviderError, RequestRejected, WorkerError
@@ -128,6 +128,9 @@ class Orchestrator:
         self.fallback = fallback or FallbackPolicy()
         self.clock = clock
         self.sleep = sleep
+        #: Whether anything reads the router's latencies (its latency order, hedging's p95): else a call's
+        #: latency is not handed to it (per call).
+        self._observed = self.router.strategy is Strategy.LATENCY or self.fallback.hedge
 
     @classmethod
     def from_settings(
@@ -390,7 +393,7 @@ class Orchestrator:
         answer: Answer | None = None
         error: WorkerError | None = None
         cut = False
-        started_at, t0 = utc_now(), time.perf_counter()
+        started_at, t0 = datetime.now(UTC), time.perf_counter()  # utc_now(), inline
         try:
             if deadline_s is None:
                 answer = await provider.compare(call)
@@ -441,7 +444,7 @@ class Orchestrator:
             )
             await self.limiter.settle(grant, used)
         if cut:  # by our deadline: the provider's fault only if it had run past the slow-call bound
-            if breaker.cut(duration_s, ticket):
+            if breaker.cut(duration_s, ticket) and self._observed:
                 self.router.observe_latency(call.provider, duration_s)
         elif error is not None and error.code is ErrorCode.EXPIRED:
             breaker.release(ticket)
@@ -452,7 +455,9 @@ class Orchestrator:
             raise error
         else:
             breaker.record(error.code if error else None, ticket)
-            if error is None:
+            if not self._observed:
+                pass
+            elif error is None:
                 self.router.observe_latency(call.provider, duration_s)
             elif error.code in _PROVIDER_HEALTH:  # not the request's own fault (a 404 model, a refusal)
                 self.router.observe_failure(call.provider)

@@ -20,6 +20,8 @@ from contracts import EventEnvelope, LLMComparisonRequestV1, ProviderName
 from contracts.requests import TOPIC_NAME_PATTERN
 
 RequestEnvelope = EventEnvelope[LLMComparisonRequestV1]
+#: RequestEnvelope.model_validate_json without its Python wrapper (once per record).
+_VALIDATE_JSON = RequestEnvelope.__pydantic_validator__.validate_json
 _PROVIDERS = frozenset(p.value for p in ProviderName)
 _TOPIC_NAME = re.compile(TOPIC_NAME_PATTERN)
 
@@ -79,7 +81,7 @@ def decode_request(
     headers (their correlation id, for a document without one). Raises Unparseable or Invalid, never
     anything else, whatever the bytes. `not_callbacks`: topics a request may not name as its callback."""
     try:
-        envelope = RequestEnvelope.model_validate_json(raw or b"")
+        envelope = _VALIDATE_JSON(raw or b"")
     except ValidationError as exc:
         header_correlation_id = header_text(headers, "correlation_id")
         try:
