@@ -3,7 +3,7 @@
 Scenarios (each run 3 times, median printed):
   A  mock provider at 1.0 s latency, MAX_IN_FLIGHT=1000: sustained requests/s of one worker process
   B  mock provider at 0 latency, cache bypassed: worker requests/s vs echo-loop messages/s, after one
-     unmeasured echo run that warms the broker (--b-warmup 0: none)
+     unmeasured echo run that warms the broker (--b-warmup N: that many, 0: none)
   C  200 requests/s offered: p99 end-to-end latency of the worker minus that of the echo loop, measured
      over 15 s after a 3 s warm-up stream at the same rate on the run's new topics
      (--warmup-seconds 0: measured from the topics' first record)
@@ -251,7 +251,7 @@ async def main() -> None:
     # swung 8 900-11 200 msg/s with start-up; at 80 000 it gave 12 300-12 600 (the worker's barely moved).
     parser.add_argument("--n-b", type=int, default=60000)
     parser.add_argument(
-        "--b-warmup", type=int, default=1, help="B: 1 = an unmeasured echo run first (warms the broker)"
+        "--b-warmup", type=int, default=1, help="B: unmeasured echo runs first (they warm the broker)"
     )
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=15)
@@ -273,19 +273,24 @@ async def main() -> None:
     if "B" in only:
         env = {"MOCK_LATENCY_MS": "0", "MAX_IN_FLIGHT": "1000"}
         worker_runs, echo_runs = [], []
-        if args.b_warmup:
+        for _ in range(args.b_warmup):
             # The broker's first minutes at this rate are slower (its JIT, new log segments): the echo loop
             # depends on it and the worker (CPU-bound in its own process) barely does. Measured November 24
             # without this run, echo runs 1-3 then a fourth: 12 378, 14 749, 16 610, 17 798 msg/s, the worker
             # 7408, 7584, 7408, 7083. Unmeasured, so the echo's runs compare with a warm broker.
-            print("  (B warm-up: one echo run, not counted)", file=sys.stderr)
+            print("  (B warm-up: an echo run, not counted)", file=sys.stderr)
             await throughput("echo", args.n_b, {})
         for _ in range(args.runs):
             echo_runs.append(await throughput("echo", args.n_b, {}))
             worker_runs.append(await throughput("worker", args.n_b, env))
         ratio = statistics.median(worker_runs) / statistics.median(echo_runs)
         rows.append(
-            {"scenario": "B echo loop (msg/s)", "runs": echo_runs, "median": statistics.median(echo_runs)}
+            {
+                "scenario": "B echo loop (msg/s)",
+                "runs": echo_runs,
+                "median": statistics.median(echo_runs),
+                "b_warmup_runs": args.b_warmup,
+            }
         )
         rows.append(
             {

@@ -128,8 +128,8 @@ class Orchestrator:
         self.fallback = fallback or FallbackPolicy()
         self.clock = clock
         self.sleep = sleep
-        #: Whether anything reads the router's latencies (its latency order, hedging's p95): else a call's
-        #: latency is not handed to it (per call).
+        #: Whether anything reads what the router is told of calls (its latency order, hedging's p95): else a
+        #: call's latency or failure is not handed to it (per call).
         self._observed = self.router.strategy is Strategy.LATENCY or self.fallback.hedge
 
     @classmethod

@@ -139,3 +139,31 @@ async def test_a_call_sent_but_not_answered_in_time_is_tracked_at_its_estimated_
     [attempt] = outcome.attempts
     assert attempt.estimated is unanswered
     assert attempt.usage == (TokenUsage(prompt_tokens=1, total_tokens=1) if unanswered else None)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "hedge", "observed"),
+    [
+        (Strategy.PRIORITY, False, False),
+        (Strategy.PRIORITY, True, True),
+        (Strategy.LATENCY, False, True),
+        (Strategy.ROUND_ROBIN, False, False),
+    ],
+)
+async def test_the_router_hears_of_calls_when_its_latency_order_or_hedging_reads_them(
+    strategy: Strategy, hedge: bool, observed: bool
+) -> None:
+    # Hedging's p95 comes from the latencies the orchestrator hands the router: without them no call would
+    # ever be hedged. Where nothing reads them they are not kept (per call).
+    router = Router(strategy, PriceTable({}))
+    orchestrator = Orchestrator(
+        {"p": Scripted("p")},
+        PriceTable({}),
+        ProviderName.MOCK,
+        router=router,
+        fallback=FallbackPolicy((), hedge=hedge),
+    )
+    for _ in range(20):
+        await orchestrator.run(CALL, None)
+    assert (router.latency_p95_s("p") is not None) is observed
+    assert ("p" in router.latency_ewma_s) is observed

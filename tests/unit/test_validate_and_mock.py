@@ -184,6 +184,16 @@ def test_mock_answers_vary_with_content_and_seed() -> None:
     assert winners == {"Essay A", "Essay B"}
 
 
+def test_mock_answers_with_the_same_token_counts_share_one_usage_object() -> None:
+    # Made once per token counts (validating a TokenUsage per call was a tenth of the mock's work); shared,
+    # so nothing may change a usage in place.
+    provider = MockProvider(MockSettings())
+    first = asyncio.run(provider.compare(CALL))
+    again = asyncio.run(provider.compare(CALL))
+    assert again.usage is first.usage
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
 def test_mock_winner_profile_forces_the_winner() -> None:
     provider = MockProvider(MockSettings(mock_winner="Essay B"))
     for seed in range(5):
