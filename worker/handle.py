@@ -56,6 +56,8 @@ class Handler:
     _dead_lettered: set[tuple[str, int, int]] = field(default_factory=set)
 
     async def handle(self, record: ConsumerRecord) -> None:
+        job: Job | None = None
+        invalid: Invalid | None = None
         try:
             job = decode_request(
                 record.value, record.headers, self.topics.comparison_result, self.topics.not_callbacks
@@ -64,29 +66,37 @@ class Handler:
             request_id_var.set(record.key.decode(errors="replace") if record.key else None)
             cid = exc.correlation_id
             correlation_id_var.set(str(cid) if cid else header_text(record.headers, "correlation_id"))
+            # Not stored: its DLQ record holds the raw bytes (up to 900 KB) and is the same on every
+            # redelivery anyway; the failure event alone gets a new id.
             await self._dead_letter(record, exc)
             return
         except Invalid as exc:
             request_id_var.set(exc.request_id)
             correlation_id_var.set(str(exc.correlation_id))
-            await self.emitter.publish(self._invalid_events(exc))
-            return
-        correlation_id_var.set(job.correlation_text)
-        request_id_var.set(job.request_id)
+            key, invalid = _record_key(record), exc
+        else:
+            correlation_id_var.set(job.correlation_text)
+            request_id_var.set(job.request_id)
+            key = job.request_id
 
-        stored = await self.outcomes.get(job.request_id)
+        stored = await self.outcomes.get(key)
         if stored is not None:
             metrics.REDELIVERED.inc()
             log.info("redelivered request answered from the outcome store")
             await self.emitter.publish(stored.to_replay())
             if not stored.emitted:
-                await self.outcomes.mark_emitted(job.request_id)
+                await self.outcomes.mark_emitted(key)
             return
 
-        messages = await self.process(job)
-        # Stored before published (one wait for both): a redelivery then never calls the provider again.
-        await self.emitter.publish(messages, after=self.outcomes.put_soon(job.request_id, messages))
-        self.outcomes.mark_emitted_soon(job.request_id)
+        if job is not None:
+            messages = await self.process(job)
+        else:
+            assert invalid is not None
+            messages = self._invalid_events(invalid)
+        # Stored before published (one wait for both): a redelivery then never calls the provider again,
+        # and sends these same events (with their ids), not new ones.
+        await self.emitter.publish(messages, after=self.outcomes.put_soon(key, messages))
+        self.outcomes.mark_emitted_soon(key)
 
     async def dead_letter_poison(self, record: ConsumerRecord, error: BaseException) -> None:
         """After the poison attempts are spent: the DLQ record, then the request's terminal events when it
@@ -508,6 +518,14 @@ _BYPASS_DISABLED = metrics.labelled(metrics.CACHE_BYPASS, "disabled")
 
 #: Error details for the worker itself, not the wire.
 _INTERNAL_DETAILS = frozenset({"usage", "cache_write_tokens", "cache_write_1h_tokens", "unanswered"})
+
+
+def _record_key(record: ConsumerRecord) -> str:
+    """The outcome-store key of an invalid request: the record itself (where it is and what it holds), not
+    its request id, so that a redelivery sends the same events again while a corrected request sent under
+    the same id is validated afresh."""
+    digest = hashlib.sha256(record.value or b"").hexdigest()
+    return f"record:{record.topic}:{record.partition}:{record.offset}:{digest}"
 
 
 def _deadline_monotonic(job: Job) -> float | None:

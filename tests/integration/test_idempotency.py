@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
-from tests.conftest import REDIS_URL, free_port, make_settings, request_envelope, running_worker
+from tests.conftest import (
+    BOOTSTRAP,
+    REDIS_URL,
+    committed_offsets,
+    free_port,
+    make_settings,
+    request_envelope,
+    running_worker,
+)
 from worker import metrics
 from worker.emit import Outgoing
 from worker.outcomes import OutcomeStore
+from worker.settings import Settings
 
 
 async def test_redelivered_request_replays_its_result_without_a_second_call_or_cost(
@@ -29,6 +40,60 @@ async def test_redelivered_request_replays_its_result_without_a_second_call_or_c
     assert calls == 1
     assert results[0] == results[1]  # the stored event, byte for byte: same event_id and timestamps
     assert len(kafka.of(kafka.topics.cost_tracking)) == 1
+
+
+async def test_a_redelivered_invalid_request_sends_the_same_result_again_and_no_second_failure(
+    prefix, topics_for, kafka_for
+) -> None:
+    # Stored under the record (not its request id), as a valid request's outcome is under its request id:
+    # read again after a crash before its commit, it is answered with the same event (same event id), and
+    # the failure event, already out, is not sent twice.
+    settings = make_settings(prefix, partitions=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    invalid = request_envelope().model_dump(mode="json")
+    invalid["data"]["user_prompt"] = ""  # under min_length
+    topic = settings.kafka.topics.comparison_request
+    async with running_worker(settings):
+        await kafka.send_raw(json.dumps(invalid).encode(), key=invalid["data"]["request_id"])
+        [first] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        await _until_committed(settings, 1)
+    # The worker is gone; its group reads the record again, as after a crash before the commit.
+    await _commit(settings, TopicPartition(topic, 0), 0)
+    async with running_worker(settings):
+        results = await kafka.wait_for(kafka.topics.comparison_result, 2)
+        await _until_committed(settings, 1)
+    await kafka.caught_up()
+    assert first["data"]["error_detail"]["error_code"] == "VALIDATION_ERROR"
+    assert results[1] == first
+    assert len(kafka.of(kafka.topics.failure)) == 1
+    # A corrected request under the same request id is validated afresh, not answered from the store.
+    invalid["data"]["user_prompt"] = "Essay A or Essay B?"
+    invalid["event_id"] = str(uuid.uuid4())
+    async with running_worker(settings):
+        await kafka.send_raw(json.dumps(invalid).encode(), key=invalid["data"]["request_id"])
+        results = await kafka.wait_for(kafka.topics.comparison_result, 3)
+    assert results[2]["data"]["winner"] in ("Essay A", "Essay B")
+
+
+async def _until_committed(settings: Settings, offset: int) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 20
+    while (await committed_offsets(settings, 1))[0] != offset:
+        assert loop.time() < end, "offset not committed"
+        await asyncio.sleep(0.1)
+
+
+async def _commit(settings: Settings, tp: TopicPartition, offset: int) -> None:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=BOOTSTRAP, group_id=settings.kafka.consumer_group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+    finally:
+        await consumer.stop()
 
 
 async def test_outcome_store_without_redis_degrades_to_at_least_once() -> None:
