@@ -113,6 +113,8 @@ class Handler:
         callback: str | None = None
         events: list[Outgoing] = []
         stored_before: asyncio.Future[None] | None = None
+        key: str | None = None  # where its outcome is stored, as handle() keys it
+        invalid: Invalid | None = None
         try:
             job = decode_request(
                 record.value, record.headers, self.topics.comparison_result, self.topics.not_callbacks
@@ -120,27 +122,32 @@ class Handler:
         except Unparseable:
             job = None
         except Invalid as exc:
-            job, callback, events = None, exc.callback_topic, self._invalid_events(exc)
+            job, invalid, callback, key = None, exc, exc.callback_topic, _record_key(record)
         if job is not None:
-            callback = job.callback_topic
+            callback, key = job.callback_topic, job.request_id
+        if key is not None:
             try:
-                stored = await self.outcomes.get(job.request_id)
+                stored = await self.outcomes.get(key)
             except Exception as exc:  # a stored record this code cannot read (what made it poison, maybe)
-                log.error("stored outcome unreadable; answering INTERNAL_ERROR", extra={"error": repr(exc)})
+                log.error("stored outcome unreadable; answering anew", extra={"error": repr(exc)})
                 stored = None
             if stored is not None:
                 events = stored.to_replay()
             else:
-                call = self.orchestrator.resolve(job.request)
-                err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
-                events = self._events(job, CallOutcome(call, error=err), 0, cache="miss")
+                if invalid is not None:
+                    events = self._invalid_events(invalid)
+                else:
+                    assert job is not None
+                    call = self.orchestrator.resolve(job.request)
+                    err = RequestRejected(ErrorCode.INTERNAL_ERROR, "request could not be processed")
+                    events = self._events(job, CallOutcome(call, error=err), 0, cache="miss")
                 # Stored before published, as every request's events are: a retry of this call (some of
                 # them may have landed) and a redelivery send these same events, never a second result.
-                stored_before = self.outcomes.put_soon(job.request_id, events)
+                stored_before = self.outcomes.put_soon(key, events)
         if events:
             await self._publish_terminal(events, callback, stored_before)
-            if job is not None:
-                self.outcomes.mark_emitted_soon(job.request_id)
+            if key is not None:
+                self.outcomes.mark_emitted_soon(key)
         self._dead_lettered.discard(where)
 
     async def _publish_terminal(

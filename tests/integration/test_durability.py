@@ -575,6 +575,34 @@ async def test_an_invalid_request_whose_callback_topic_cannot_be_written_is_answ
     assert dlq["source"]["offset"] == 0
 
 
+async def test_an_invalid_request_answered_by_the_poison_path_is_answered_with_the_same_event_later(
+    prefix, topics_for, kafka_for
+):
+    # Its events are stored before the publish that fails (callback topic refused); the poison path sends
+    # those stored events (the result redirected to the default topic), and a redelivery to a worker that
+    # can write the callback topic sends that same result there: one event id, not two results.
+    settings = make_settings(prefix, partitions=1, poison_max_attempts=1)
+    await topics_for(settings)
+    kafka = await kafka_for(settings)
+    elsewhere = make_settings(f"{prefix}-cb")
+    await topics_for(elsewhere)
+    other = await kafka_for(elsewhere)
+    callback = other.topics.comparison_result
+    bad = json.loads(request_envelope(request_id="inv-2", callback_topic=callback).model_dump_json())
+    bad["data"]["cache"] = "sometimes"
+    async with running_worker(settings) as runtime:
+        _refuse_topic(runtime, callback)
+        await kafka.send_raw(json.dumps(bad).encode(), key="inv-2")
+        [redirected] = await kafka.wait_for(kafka.topics.comparison_result, 1)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 1}
+    again = make_settings(prefix, partitions=1, consumer_group=f"{prefix}-again")  # reads it again
+    async with running_worker(again):
+        [replayed] = await other.wait_for(callback, 1)
+    assert redirected["data"]["error_detail"]["error_code"] == "VALIDATION_ERROR"
+    assert replayed["event_id"] == redirected["event_id"]
+
+
 async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_a_contradicting_one(
     prefix, topics_for, kafka_for
 ):
