@@ -145,18 +145,18 @@ class Handler:
                 # them may have landed) and a redelivery send these same events, never a second result.
                 stored_before = self.outcomes.put_soon(key, events)
         if events:
-            await self._publish_terminal(events, callback, stored_before)
-            if key is not None:
+            complete = await self._publish_terminal(events, callback, stored_before)
+            if key is not None and complete:  # else a redelivery sends them all (the result again, same id)
                 self.outcomes.mark_emitted_soon(key)
         self._dead_lettered.discard(where)
 
     async def _publish_terminal(
         self, events: list[Outgoing], callback: str | None, after: asyncio.Future[None] | None = None
-    ) -> None:
+    ) -> bool:
         """Publish a poison request's events (the first try once `after`, their store, is done). What
         failed may be one of them: its callback topic (missing, refused) or another event's topic. Then the
         result alone goes out, on the default result topic when the callback topic is not it, so that the
-        partition is never held by what cannot be sent."""
+        partition is never held by what cannot be sent. True when all of them went out."""
         default = self.topics.comparison_result
         results = [m for m in events if m.kind == "result"]
         redirected = [Outgoing(m.kind, default, m.key, m.value, m.correlation_id) for m in results]
@@ -164,7 +164,7 @@ class Handler:
         for i, messages in enumerate(tries):
             try:
                 await self.emitter.publish(messages, after=after if i == 0 else None)
-                return
+                return i == 0
             except Exception as exc:
                 if i == len(tries) - 1 or not tries[i + 1]:
                     raise  # retried by the consumer until Kafka takes it
@@ -172,6 +172,7 @@ class Handler:
                     "publish of a poison request's events failed; trying its result alone",
                     extra={"callback_topic": callback, "error": repr(exc)},
                 )
+        return False  # not reached: the last try returns or raises
 
     async def process(self, job: Job) -> list[Outgoing]:
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Idempotent redelivery: the terminal outcome of each request, stored in Redis under its request_id.
+"""Idempotent redelivery: the terminal outcome of each request, stored in Redis under its request_id (an
+invalid request's under its record: see handle._record_key).
 
 Order per request: put_soon(outcome events) -> publish them -> mark_emitted -> offset may be committed.
 A redelivered request finds its record: if it was emitted, only the result is re-sent (no second
@@ -75,7 +76,8 @@ def decode_outcome(stored: bytes) -> list[Outgoing]:
 
 class OutcomeStore:
     """Two keys per request, both with the TTL: `<prefix>:outcome:<id>` = the outcome's events, and
-    `<prefix>:emitted:<id>` = "1" once Kafka acknowledged them."""
+    `<prefix>:emitted:<id>` = "1" once Kafka acknowledged them. The id is the request id, or for an invalid
+    request its record's key (handle._record_key)."""
 
     def __init__(self, redis: Redis, prefix: str, ttl_s: int) -> None:
         self.batch = RedisBatch(redis)

@@ -596,11 +596,16 @@ async def test_an_invalid_request_answered_by_the_poison_path_is_answered_with_t
         [redirected] = await kafka.wait_for(kafka.topics.comparison_result, 1)
         await runtime.loop.commit()
         assert await committed_offsets(settings, 1) == {0: 1}
+        await kafka.caught_up()
+        assert kafka.of(kafka.topics.failure) == []  # refused with the result in one publish
     again = make_settings(prefix, partitions=1, consumer_group=f"{prefix}-again")  # reads it again
     async with running_worker(again):
         [replayed] = await other.wait_for(callback, 1)
+        # Not marked emitted (only the result went out): the failure event goes out with the replay.
+        [failure] = await kafka.wait_for(kafka.topics.failure, 1)
     assert redirected["data"]["error_detail"]["error_code"] == "VALIDATION_ERROR"
     assert replayed["event_id"] == redirected["event_id"]
+    assert failure["data"]["request_id"] == "inv-2"
 
 
 async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_a_contradicting_one(
