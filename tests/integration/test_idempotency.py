@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
@@ -185,6 +186,42 @@ async def test_a_stored_outcome_is_kept_when_a_later_run_stores_another() -> Non
         assert other is not None and [m.value for m in other.messages] == [b"only"]
         assert await redis.get(f"{prefix}:emitted:b") == b"1"
         assert 0 < await redis.ttl(f"{prefix}:outcome:c") <= 60
+    finally:
+        await store.aclose()
+        await redis.aclose()
+
+
+async def test_a_call_cancelled_after_it_answered_leaves_its_events_stored_for_the_next_owner() -> None:
+    # Between the call and its events the request yields a loop turn (the calls of one turn then build
+    # their events together). A revocation or shutdown that cancels it there must not lose the answer: the
+    # provider was called, so its events are stored and the next owner replays them without a second call.
+    from contracts import ProviderName
+    from worker.handle import Handler
+    from worker.orchestrate import Orchestrator
+    from worker.pricing import PriceTable
+    from worker.providers.mock import MockProvider
+    from worker.settings import KafkaSettings, MockSettings
+    from worker.validate import decode_request
+
+    redis = Redis.from_url(REDIS_URL)
+    store = OutcomeStore(redis, f"cancelled-{uuid.uuid4()}", ttl_s=60)
+    mock = MockProvider(MockSettings(mock_latency_ms=0))
+    orchestrator = Orchestrator({"mock": mock}, PriceTable.load(), ProviderName.MOCK)
+    topics = KafkaSettings().topics
+    handler = Handler(orchestrator, store, None, topics, "test")  # type: ignore[arg-type]
+    job = decode_request(request_envelope().model_dump_json().encode(), None, topics.comparison_result)
+    try:
+        task = asyncio.create_task(handler.process(job))
+        await asyncio.sleep(0)  # its first step: the call, up to the turn it yields
+        assert mock.calls == 1 and not task.done()
+        task.cancel()  # at the turn between the answered call and its events
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stored = await store.get(job.request_id)
+        assert stored is not None and not stored.emitted
+        assert [m.kind for m in stored.messages] == ["result", "cost"]
+        assert b'"winner":"Essay' in stored.messages[0].value
+        assert mock.calls == 1
     finally:
         await store.aclose()
         await redis.aclose()
