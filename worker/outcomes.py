@@ -92,7 +92,7 @@ class OutcomeStore:
         self._mark_keys: list[str] = []
         self._mark_futures: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._marking: set[asyncio.Future[Any]] = set()
+        self._writing: set[asyncio.Future[Any]] = set()
         #: The future of this turn's puts (one for all of them), until the turn's script call is sent.
         self._gate: asyncio.Future[None] | None = None
 
@@ -141,11 +141,12 @@ class OutcomeStore:
         self._mark_keys.append(self.emitted_prefix + request_id)
 
     async def aclose(self) -> None:
-        """Wait for the emitted markers still on their way, then close the batch's connection."""
+        """Wait for the writes still on their way (emitted markers; outcomes nobody waits for, such as
+        those of requests cancelled between their call and their events), then close the connection."""
         if self._put_keys or self._mark_keys:  # queued this turn: send them now
             self._flush_sets()
-        if self._marking:
-            await asyncio.wait(self._marking)
+        if self._writing:
+            await asyncio.wait(self._writing)
         await self.batch.aclose()
 
     def _queue_write(self) -> None:
@@ -174,9 +175,8 @@ class OutcomeStore:
         n_keys = len(puts) + len(marks)
         reply = self.batch.submit("EVAL", _SET_ALL, n_keys, *puts, *marks, *values, self.ttl_s)
         reply.add_done_callback(partial(self._hand_out_sets, len(puts), len(marks), gate, waiting))
-        if marks:  # emitted marks: aclose() waits for them
-            self._marking.add(reply)
-            reply.add_done_callback(self._marking.discard)
+        self._writing.add(reply)  # aclose() waits for it
+        reply.add_done_callback(self._writing.discard)
 
     def _hand_out_sets(
         self,

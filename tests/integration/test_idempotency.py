@@ -225,3 +225,17 @@ async def test_a_call_cancelled_after_it_answered_leaves_its_events_stored_for_t
     finally:
         await store.aclose()
         await redis.aclose()
+
+
+async def test_aclose_waits_for_an_outcome_nobody_awaits() -> None:
+    # As a request cancelled between its call and its events leaves it: stored at shutdown all the same
+    # (here before the store's connection was even open: closing used to cancel the connect and the write).
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"unawaited-{uuid.uuid4()}"
+    store = OutcomeStore(redis, prefix, ttl_s=60)
+    try:
+        store.put_soon("r1", [Outgoing("result", "t", "r1", b'{"x":1}', "c")])
+        await store.aclose()
+        assert await redis.exists(f"{prefix}:outcome:r1") == 1
+    finally:
+        await redis.aclose()
