@@ -205,7 +205,7 @@ class Runtime:
         if self.cache is not None:
             await self.cache.aclose()
         if self.outcomes is not None:
-            await self.outcomes.aclose()  # waits for emitted markers, closes its own connection
+            await self.outcomes.aclose()  # waits for its writes (up to 5 s), closes its own connection
         if self._redis is not None:
             await self._redis.aclose()
         if self._probes is not None:

@@ -33,6 +33,9 @@ from worker.redis_batch import RedisBatch
 
 log = logging.getLogger(__name__)
 
+#: How long aclose() waits for the writes still on their way.
+CLOSE_WAIT_S = 5.0
+
 # KEYS: the outcomes, then the emitted markers; ARGV: the outcomes' values, then the TTL. An outcome is
 # set only where none is stored (NX): the first outcome recorded for a request stays, even when a later
 # run of it (after a lookup Redis could not answer) ends otherwise. A marker is set to "1".
@@ -142,11 +145,12 @@ class OutcomeStore:
 
     async def aclose(self) -> None:
         """Wait for the writes still on their way (emitted markers; outcomes nobody waits for, such as
-        those of requests cancelled between their call and their events), then close the connection."""
+        those of requests cancelled between their call and their events), at most CLOSE_WAIT_S (each is
+        bounded by the client's timeouts, unless it was made without them), then close the connection."""
         if self._put_keys or self._mark_keys:  # queued this turn: send them now
             self._flush_sets()
         if self._writing:
-            await asyncio.wait(self._writing)
+            await asyncio.wait(self._writing, timeout=CLOSE_WAIT_S)
         await self.batch.aclose()
 
     def _queue_write(self) -> None:

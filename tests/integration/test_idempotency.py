@@ -21,7 +21,7 @@ from tests.conftest import (
 )
 from worker import metrics
 from worker.emit import Outgoing
-from worker.outcomes import OutcomeStore
+from worker.outcomes import OutcomeStore, StoredOutcome
 from worker.settings import Settings
 
 
@@ -195,6 +195,31 @@ async def test_a_call_cancelled_after_it_answered_leaves_its_events_stored_for_t
     # Between the call and its events the request yields a loop turn (the calls of one turn then build
     # their events together). A revocation or shutdown that cancels it there must not lose the answer: the
     # provider was called, so its events are stored and the next owner replays them without a second call.
+    stored, calls = await _cancelled_at_the_turn_after_the_call()
+    assert stored is not None and not stored.emitted
+    assert [m.kind for m in stored.messages] == ["result", "cost"]
+    assert b'"winner":"Essay' in stored.messages[0].value
+    assert calls == 1
+
+
+async def test_a_cancel_at_that_turn_still_ends_the_task_cancelled_when_its_events_cannot_be_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug there must not turn the cancel into an error: the consumer would retry the request (a second
+    # provider call) on a partition it no longer owns, or keep a shutdown waiting.
+    from worker.handle import Handler
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Handler, "_events", broken)
+    stored, calls = await _cancelled_at_the_turn_after_the_call()  # raises unless cancelled
+    assert stored is None and calls == 1
+
+
+async def _cancelled_at_the_turn_after_the_call() -> tuple[StoredOutcome | None, int]:
+    """A request run by Handler.process (mock at 0 ms, real Redis) and cancelled at the loop turn after its
+    call: what the outcome store then holds for it, and the mock's calls."""
     from contracts import ProviderName
     from worker.handle import Handler
     from worker.orchestrate import Orchestrator
@@ -217,11 +242,7 @@ async def test_a_call_cancelled_after_it_answered_leaves_its_events_stored_for_t
         task.cancel()  # at the turn between the answered call and its events
         with pytest.raises(asyncio.CancelledError):
             await task
-        stored = await store.get(job.request_id)
-        assert stored is not None and not stored.emitted
-        assert [m.kind for m in stored.messages] == ["result", "cost"]
-        assert b'"winner":"Essay' in stored.messages[0].value
-        assert mock.calls == 1
+        return await store.get(job.request_id), mock.calls
     finally:
         await store.aclose()
         await redis.aclose()
