@@ -455,12 +455,11 @@ class Orchestrator:
             raise error
         else:
             breaker.record(error.code if error else None, ticket)
-            if not self._observed:
-                pass
-            elif error is None:
-                self.router.observe_latency(call.provider, duration_s)
-            elif error.code in _PROVIDER_HEALTH:  # not the request's own fault (a 404 model, a refusal)
-                self.router.observe_failure(call.provider)
+            if self._observed:
+                if error is None:
+                    self.router.observe_latency(call.provider, duration_s)
+                elif error.code in _PROVIDER_HEALTH:  # not the request's own fault (a 404 model, a refusal)
+                    self.router.observe_failure(call.provider)
         estimated = usage is None and unanswered
         if estimated:
             usage = _cut_usage(call)

@@ -55,15 +55,17 @@ async def test_a_redelivered_invalid_request_sends_the_same_result_again_and_no_
     invalid = request_envelope().model_dump(mode="json")
     invalid["data"]["user_prompt"] = ""  # under min_length
     topic = settings.kafka.topics.comparison_request
-    async with running_worker(settings):
+    async with running_worker(settings) as runtime:
         await kafka.send_raw(json.dumps(invalid).encode(), key=invalid["data"]["request_id"])
         [first] = await kafka.wait_for(kafka.topics.comparison_result, 1)
-        await _until_committed(settings, 1)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 1}
     # The worker is gone; its group reads the record again, as after a crash before the commit.
     await _commit(settings, TopicPartition(topic, 0), 0)
-    async with running_worker(settings):
+    async with running_worker(settings) as runtime:
         results = await kafka.wait_for(kafka.topics.comparison_result, 2)
-        await _until_committed(settings, 1)
+        await runtime.loop.commit()
+        assert await committed_offsets(settings, 1) == {0: 1}
     await kafka.caught_up()
     assert first["data"]["error_detail"]["error_code"] == "VALIDATION_ERROR"
     assert results[1] == first
@@ -75,14 +77,6 @@ async def test_a_redelivered_invalid_request_sends_the_same_result_again_and_no_
         await kafka.send_raw(json.dumps(invalid).encode(), key=invalid["data"]["request_id"])
         results = await kafka.wait_for(kafka.topics.comparison_result, 3)
     assert results[2]["data"]["winner"] in ("Essay A", "Essay B")
-
-
-async def _until_committed(settings: Settings, offset: int) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 20
-    while (await committed_offsets(settings, 1))[0] != offset:
-        assert loop.time() < end, "offset not committed"
-        await asyncio.sleep(0.1)
 
 
 async def _commit(settings: Settings, tp: TopicPartition, offset: int) -> None:
