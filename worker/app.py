@@ -23,6 +23,7 @@ from worker.handle import Handler
 from worker.logs import setup_logging
 from worker.orchestrate import Orchestrator
 from worker.outcomes import OutcomeStore
+from worker.pipeline import Pipeline
 from worker.pricing import PriceTable
 from worker.probes import start_probe_server
 from worker.providers import build_providers, unconfigured_providers
@@ -172,7 +173,12 @@ class Runtime:
         )
         await consumer.start()
         self.loop = ConsumeLoop(
-            consumer, s.kafka.topics.comparison_request, handler.handle, handler.dead_letter_poison, s.flow
+            consumer,
+            s.kafka.topics.comparison_request,
+            handler.handle,
+            handler.dead_letter_poison,
+            s.flow,
+            start=Pipeline(handler).start,
         )
         self._task = asyncio.create_task(self.loop.run())
         self._task.add_done_callback(self._loop_ended)

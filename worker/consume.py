@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -65,19 +67,30 @@ def rebalance_timeout_ms(flow: FlowSettings, heartbeat_interval_ms: int, session
 
 Handle = Callable[[ConsumerRecord], Awaitable[None]]
 Poison = Callable[[ConsumerRecord, BaseException], Awaitable[None]]
+#: The staged path (worker/pipeline.py): per record a future done True when its request is finished, or
+#: None (or a future done False, or failed) for the per-record path (`handle`).
+Start = Callable[[list[ConsumerRecord]], Sequence["asyncio.Future[bool] | None"]]
 
 
 class ConsumeLoop:
     def __init__(
-        self, consumer: AIOKafkaConsumer, topic: str, handle: Handle, poison: Poison, flow: FlowSettings
+        self,
+        consumer: AIOKafkaConsumer,
+        topic: str,
+        handle: Handle,
+        poison: Poison,
+        flow: FlowSettings,
+        start: Start | None = None,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
         self.handle = handle
+        self.start = start
         self.poison = poison
         self.flow = flow
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
-        self.tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        #: In-flight work per partition: the per-record path's tasks and the staged path's futures.
+        self.tasks: dict[TopicPartition, set[asyncio.Future[Any]]] = {}
         self.in_flight = 0
         self._epoch = 0
         self._paused = False
@@ -148,12 +161,23 @@ class ConsumeLoop:
         batch = await self._getmany(timeout_ms=100, max_records=allowed)
         if batch is None or self._stopping:
             return  # not started: not committed either, so whoever owns the partition next reads them
+        taken: list[tuple[TopicPartition, PartitionTracker, list[ConsumerRecord]]] = []
         for tp, records in batch.items():
             tracker = self.trackers.get(tp)
             if tracker is None or tp in self._revoking:
                 continue  # revoked while fetched: the next owner reads these again
+            taken.append((tp, tracker, records))
+        if not taken:
+            return
+        # The staged path takes the whole fetch at once (its stages run over groups: the larger, the less
+        # CPU per request).
+        everything = [r for _, _, records in taken for r in records] if len(taken) > 1 else taken[0][2]
+        staged = self.start(everything) if self.start is not None else itertools.repeat(None)
+        now = time.monotonic()
+        flights = iter(staged)
+        for tp, tracker, records in taken:
             for record in records:
-                self._start(tp, tracker, record)
+                self._start(tp, tracker, record, next(flights), now)
             if tracker.span >= self.flow.max_uncommitted_per_partition:
                 self._hold(tp, tracker)
 
@@ -174,24 +198,70 @@ class ConsumeLoop:
         finally:
             self._fetch = None
 
-    def _start(self, tp: TopicPartition, tracker: PartitionTracker, record: ConsumerRecord) -> None:
+    def _start(
+        self,
+        tp: TopicPartition,
+        tracker: PartitionTracker,
+        record: ConsumerRecord,
+        flight: asyncio.Future[bool] | None,
+        now: float,
+    ) -> None:
         tracker.admit(record.offset)
         self.in_flight += 1
         self._pacer.admitted()
+        if flight is None:
+            self._launch(tp, tracker.epoch, record, now)
+            return
+        self.tasks[tp].add(flight)
+        flight.add_done_callback(partial(self._landed, tp, tracker.epoch, record, now))
+
+    def _launch(
+        self,
+        tp: TopicPartition,
+        epoch: int,
+        record: ConsumerRecord,
+        started: float,
+        failed: BaseException | None = None,
+    ) -> None:
+        """The per-record path: the handler in a task, with retries and the DLQ (`failed`: the error of
+        the staged attempt, counted as the first)."""
         loop = self._loop
         if loop is None:  # asyncio.create_task looks the loop up on each call, with a getpid() syscall (3.11)
             loop = self._loop = asyncio.get_running_loop()
-        task = loop.create_task(self._process(record))
+        task = loop.create_task(self._process(record, failed))
         self.tasks[tp].add(task)
-        task.add_done_callback(partial(self._on_done, tp, tracker.epoch, record.offset, time.monotonic()))
+        task.add_done_callback(partial(self._on_done, tp, epoch, record.offset, started))
 
-    async def _process(self, record: ConsumerRecord) -> None:
-        """Run the handler; an unexpected error is retried, then the message is dead-lettered."""
+    def _landed(
+        self,
+        tp: TopicPartition,
+        epoch: int,
+        record: ConsumerRecord,
+        started: float,
+        flight: asyncio.Future[bool],
+    ) -> None:
+        """A staged request is done: finished, or handed to the per-record path (still in flight)."""
+        if not flight.cancelled() and ((failed := flight.exception()) is not None or not flight.result()):
+            tasks, tracker = self.tasks.get(tp), self.trackers.get(tp)
+            if tasks is not None and tracker is not None and tracker.epoch == epoch:
+                tasks.discard(flight)
+                self._launch(tp, epoch, record, started, failed)
+                return
+        self._on_done(tp, epoch, record.offset, started, flight)
+
+    async def _process(self, record: ConsumerRecord, failed: BaseException | None = None) -> None:
+        """Run the handler; an unexpected error is retried, then the message is dead-lettered. `failed`: the
+        error of a first attempt on the staged path."""
         # Log context: set by the handler once it has read the request (or found it unreadable); from the
         # record's key and header when it failed before that.
         error: BaseException | None = None
-        for attempt in range(1, self.flow.poison_max_attempts + 1):
+        attempt = 0
+        while attempt < self.flow.poison_max_attempts:
+            attempt += 1
             try:
+                if failed is not None:
+                    error, failed = failed, None
+                    raise error
                 await self.handle(record)
                 return
             except Exception as exc:  # a bug or a poison message; the handler maps all expected errors
@@ -220,7 +290,7 @@ class ConsumeLoop:
                 await self.poison(record, error)
 
     def _on_done(
-        self, tp: TopicPartition, epoch: int, offset: int, started: float, task: asyncio.Task[None]
+        self, tp: TopicPartition, epoch: int, offset: int, started: float, task: asyncio.Future[Any]
     ) -> None:
         self.in_flight -= 1
         self._pacer.finished(time.monotonic() - started)
@@ -336,9 +406,7 @@ class ConsumeLoop:
             return
         self._revoking.update(mine)
         try:
-            pending: set[asyncio.Task[None]] = set().union(*(self.tasks[tp] for tp in mine))
-            if pending:
-                await asyncio.wait(pending, timeout=self.flow.rebalance_grace_seconds)
+            await self._wait_for(mine, self.flow.rebalance_grace_seconds)
             await self._commit_bounded(mine, "revocation")
         finally:  # let go whatever happened above: no task or tracker of a partition we may not own
             for tp in mine:
@@ -362,14 +430,31 @@ class ConsumeLoop:
 
     async def _drain(self, grace_s: float) -> None:
         self._set_backpressure(True)
-        pending: set[asyncio.Task[None]] = set().union(*self.tasks.values())
-        if pending:
-            log.info("draining in-flight requests", extra={"in_flight": len(pending), "grace_s": grace_s})
-            _, still = await asyncio.wait(pending, timeout=grace_s)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still)
+        if self.in_flight:
+            log.info("draining in-flight requests", extra={"in_flight": self.in_flight, "grace_s": grace_s})
+        still = await self._wait_for(None, grace_s)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still)
+
+    async def _wait_for(
+        self, partitions: list[TopicPartition] | None, timeout_s: float
+    ) -> set[asyncio.Future[Any]]:
+        """Wait until the in-flight work of these partitions (all: None) is done, for at most timeout_s;
+        what is still running then. Work handed from the staged path to the per-record path meanwhile (a
+        new task) is waited for too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            groups = (
+                self.tasks.values() if partitions is None else (self.tasks.get(tp, ()) for tp in partitions)
+            )
+            pending = {t for group in groups for t in group if not t.done()}
+            left = deadline - loop.time()
+            if not pending or left <= 0:
+                return pending
+            await asyncio.wait(pending, timeout=left)
 
     @property
     def paused(self) -> bool:

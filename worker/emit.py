@@ -274,8 +274,15 @@ class Emitter:
         once that future is done (one wait for both), and not at all if it failed or was cancelled. The
         publishes waiting for one future are released together (OutcomeStore.put_soon gives the same
         future to every put of a loop turn: one callback for all of them, not one each)."""
-        if not messages:
-            return
+        if messages:
+            await self.submit(messages, after)
+
+    def submit(
+        self, messages: list[Outgoing], after: asyncio.Future[None] | None = None
+    ) -> asyncio.Future[None]:
+        """publish() without waiting: the future is done when Kafka acknowledged all the messages (failed by
+        the first error, cancelled with `after` or by aclose). Cancelled while it waits for `after`, its
+        messages are not sent; once queued they are."""
         if self._closed:
             raise RuntimeError("the emitter is closed")
         if self._pump_task is None:
@@ -283,7 +290,9 @@ class Emitter:
             self._pump_task = asyncio.create_task(self._pump())
         assert self._loop is not None
         waiter = _Waiter(self._loop.create_future(), len(messages))
-        if after is None:
+        if not messages:
+            waiter.future.set_result(None)
+        elif after is None:
             self._enqueue(messages, waiter)
         else:
             waiting = self._gated.get(after)
@@ -291,7 +300,7 @@ class Emitter:
                 waiting = self._gated[after] = []
                 after.add_done_callback(self._release)
             waiting.append((messages, waiter))
-        await waiter.future
+        return waiter.future
 
     def prefetch_soon(self, topics: list[str], timeout_s: float = 5.0) -> None:
         """Ask for these topics' metadata in the background, for up to `timeout_s`, so that the first rounds

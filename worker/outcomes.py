@@ -114,6 +114,45 @@ class OutcomeStore:
             return None
         return StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
 
+    def get_many_soon(self, request_ids: list[str]) -> asyncio.Future[list[StoredOutcome | None]]:
+        """get() of many requests as one future (one MGET): the stored outcome of each, or None. With Redis
+        down every answer is None, each counted as degraded (as get's). Cancelled if the command was."""
+        keys: list[str] = []
+        for request_id in request_ids:
+            keys += (self.prefix + request_id, self.emitted_prefix + request_id)
+        found: asyncio.Future[list[StoredOutcome | None]] = self._running_loop().create_future()
+        reply = self.batch.submit("MGET", *keys)
+        reply.add_done_callback(partial(self._hand_out_many, found, len(request_ids)))
+        return found
+
+    def _hand_out_many(
+        self, found: asyncio.Future[list[StoredOutcome | None]], n: int, reply: asyncio.Future[Any]
+    ) -> None:
+        if found.done():
+            return
+        if reply.cancelled():
+            found.cancel()
+            return
+        exc = reply.exception()
+        if exc is not None:
+            if not isinstance(exc, RedisError | OSError):
+                found.set_exception(exc)
+                return
+            for _ in range(n):
+                self._degraded("get", exc)
+            found.set_result([None] * n)
+            return
+        values = reply.result()
+        try:
+            found.set_result(
+                [
+                    None if stored is None else StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
+                    for stored, emitted in zip(values[::2], values[1::2], strict=True)
+                ]
+            )
+        except Exception as error:  # a stored record this code cannot read: the caller asks one by one
+            found.set_exception(error)
+
     def put_soon(self, request_id: str, messages: list[Outgoing]) -> asyncio.Future[None]:
         """Store the events; the future to publish them after (Emitter.publish(after=...)). It is the
         future of this loop turn's script call, shared by every put of the turn: await it, never cancel

@@ -73,17 +73,60 @@ def _offset_0_held(release: asyncio.Event, started: list[int], finished: list[in
     return handle, poison
 
 
+def _patch_submit(runtime: Any, change: Any) -> None:
+    """Route the worker's publishes (Emitter.submit, which publish() awaits too: both paths) through
+    `change(messages)`, which returns what to send, and the error the publish then fails with (None: it
+    does not): before anything is sent when nothing is to be sent, else once the rest is acknowledged."""
+    real_submit = runtime.emitter.submit
+
+    def submit(messages: list[Any], after: Any = None) -> asyncio.Future[None]:
+        sending, error = change(messages)
+        if error is None:
+            return real_submit(sending, after)
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not sending:
+            failed.set_exception(error)
+            return failed
+
+        def then_fail(sent: asyncio.Future[None]) -> None:
+            if sent.cancelled():
+                failed.cancel()
+            else:
+                failed.set_exception(sent.exception() or error)
+
+        real_submit(sending, after).add_done_callback(then_fail)
+        return failed
+
+    runtime.emitter.submit = submit
+
+
 def _refuse_topic(runtime: Any, topic: str) -> None:
     """Make the worker's producer refuse every event for `topic`, as for a topic that does not exist where
     the broker creates none."""
-    real_publish = runtime.emitter.publish
 
-    async def publish(messages: list[Any], after: Any = None) -> None:
+    def change(messages: list[Any]) -> tuple[list[Any], Exception | None]:
         if any(m.topic == topic for m in messages):
-            raise UnknownTopicOrPartitionError()
-        await real_publish(messages, after=after)
+            return [], UnknownTopicOrPartitionError()
+        return messages, None
 
-    runtime.emitter.publish = publish
+    _patch_submit(runtime, change)
+
+
+def _fail_calls(runtime: Any, request_id: str, calls: Counter[str] | None = None) -> None:
+    """The running worker fails (a bug) on every attempt to answer request `request_id`, on either path:
+    its provider call raises RuntimeError("handler bug") (counted in `calls`)."""
+    from worker.logs import request_id_var
+
+    real_run = runtime.orchestrator.run
+
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        if request_id_var.get() == request_id:
+            if calls is not None:
+                calls[request_id] += 1
+            raise RuntimeError("handler bug")
+        return await real_run(*args, **kwargs)
+
+    runtime.orchestrator.run = run
 
 
 async def test_commit_stays_at_lowest_unfinished_offset_until_it_finishes(prefix, topics_for, kafka_for):
@@ -345,18 +388,10 @@ async def test_poison_message_is_dead_lettered_after_attempts_and_its_offset_fin
     settings = make_settings(prefix, partitions=1, poison_max_attempts=2)
     await topics_for(settings)
     kafka = await kafka_for(settings)
-    poison = request_envelope(request_id="poison-1")
+    poison = request_envelope(1, request_id="poison-1")  # not the other's prompt: its answer would be cached
     attempts = Counter[str]()
     async with running_worker(settings) as runtime:
-        real_handle = runtime.loop.handle
-
-        async def buggy_handle(record: ConsumerRecord) -> None:
-            if b"poison-1" in record.value:
-                attempts["poison-1"] += 1
-                raise RuntimeError("handler bug")
-            await real_handle(record)
-
-        runtime.loop.handle = buggy_handle
+        _fail_calls(runtime, "poison-1", attempts)  # the first attempt on the staged path, then its own
         await kafka.send(poison)
         await kafka.send(request_envelope())
         [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
@@ -617,14 +652,14 @@ async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_
     await topics_for(settings)
     kafka = await kafka_for(settings)
     async with running_worker(settings) as runtime:
-        real_publish = runtime.emitter.publish
 
-        async def publish(messages: list[Any], after: Any = None) -> None:
-            await real_publish([m for m in messages if m.kind != "cost"], after=after)
-            if any(m.kind == "cost" for m in messages):
-                raise KafkaConnectionError("cost topic unavailable")
+        def change(messages: list[Any]) -> tuple[list[Any], Exception | None]:
+            error = KafkaConnectionError("cost topic unavailable")
+            return [m for m in messages if m.kind != "cost"], error if any(
+                m.kind == "cost" for m in messages
+            ) else None
 
-        runtime.emitter.publish = publish  # type: ignore[method-assign]
+        _patch_submit(runtime, change)
         env = request_envelope(request_id="ok-then-poison")
         await kafka.send(env)
         [dlq] = await kafka.wait_for(kafka.topics.dlq, 1)
@@ -640,34 +675,20 @@ async def test_after_a_delivered_result_the_poison_path_resends_that_result_not_
     assert dlq["error"].startswith("processing failed: KafkaConnectionError")
 
 
-def _fail_handling(runtime: Any, marker: bytes) -> None:
-    """The running worker's handler fails (a bug) on every record whose value holds `marker`."""
-    real_handle = runtime.loop.handle
-
-    async def buggy_handle(record: ConsumerRecord) -> None:
-        if marker in record.value:
-            raise RuntimeError("handler bug")
-        await real_handle(record)
-
-    runtime.loop.handle = buggy_handle
-
-
 def _refuse_result_publishes(runtime: Any, key: str, times: int, *, after_sending: bool) -> list[int]:
     """The next `times` publishes holding the result keyed `key` fail: before anything is sent, or after
     all of it was (an acknowledgement lost). The list counts the refusals."""
-    real_publish, refused = runtime.emitter.publish, [0]
+    refused = [0]
 
-    async def publish(messages: list[Any], after: Any = None) -> None:
-        holds = any(m.kind == "result" and m.key == key for m in messages)
-        if holds and not after_sending and refused[0] < times:
-            refused[0] += 1
-            raise KafkaConnectionError("result topic briefly unavailable")
-        await real_publish(messages, after=after)
-        if holds and after_sending and refused[0] < times:
-            refused[0] += 1
-            raise KafkaConnectionError("acknowledgement lost")
+    def change(messages: list[Any]) -> tuple[list[Any], Exception | None]:
+        if not any(m.kind == "result" and m.key == key for m in messages) or refused[0] >= times:
+            return messages, None
+        refused[0] += 1
+        if after_sending:
+            return messages, KafkaConnectionError("acknowledgement lost")
+        return [], KafkaConnectionError("result topic briefly unavailable")
 
-    runtime.emitter.publish = publish
+    _patch_submit(runtime, change)
     return refused
 
 
@@ -681,7 +702,7 @@ async def test_a_poison_requests_error_result_is_stored_so_retries_and_redeliver
     await topics_for(settings)
     kafka = await kafka_for(settings)
     async with running_worker(settings) as runtime:
-        _fail_handling(runtime, b"poison-3")
+        _fail_calls(runtime, "poison-3")
         # Both tries of the first call, and the first of the second.
         refusals = _refuse_result_publishes(runtime, "poison-3", 3, after_sending=True)
         await kafka.send(request_envelope(request_id="poison-3"))
@@ -731,7 +752,7 @@ async def test_a_poison_message_whose_result_takes_retries_to_land_is_dead_lette
     await topics_for(settings)
     kafka = await kafka_for(settings)
     async with running_worker(settings) as runtime:
-        _fail_handling(runtime, b"poison-2")
+        _fail_calls(runtime, "poison-2")
         refusals = _refuse_result_publishes(runtime, "poison-2", 2, after_sending=False)
         await kafka.send(request_envelope(request_id="poison-2"))
         [result] = await kafka.wait_for(kafka.topics.comparison_result, 1, timeout_s=60)

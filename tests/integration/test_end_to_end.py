@@ -136,14 +136,14 @@ async def test_logs_are_json_and_never_contain_prompt_text(prefix, topics_for, k
     setup_logging("DEBUG")
     try:
         async with running_worker(settings) as runtime:
-            real_handle = runtime.loop.handle
+            real_run = runtime.orchestrator.run
 
-            async def failing_handle(record) -> None:
-                if b"fail-me" in record.value:
+            async def failing_run(call, *args, **kwargs):
+                if secret in call.user_prompt and "two" in call.user_prompt:
                     raise RuntimeError("boom")
-                await real_handle(record)
+                return await real_run(call, *args, **kwargs)
 
-            runtime.loop.handle = failing_handle
+            runtime.orchestrator.run = failing_run
             await kafka.send(request_envelope(user_prompt=f"{secret} one"))
             await kafka.send(request_envelope(request_id="fail-me", user_prompt=f"{secret} two"))
             await kafka.wait_for(kafka.topics.comparison_result, 2)
