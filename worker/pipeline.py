@@ -23,6 +23,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from worker.emit import Outgoing
 from worker.handle import Handler, Reply
 from worker.logs import correlation_id_var, request_id_var
 from worker.outcomes import StoredOutcome
@@ -41,8 +42,6 @@ class Flight(asyncio.Future[bool]):
         self.job = job
         #: What it waits for now: its task (the answer), then its publish.
         self.work: asyncio.Future[Any] | None = None
-        #: Its log context (request and correlation ids), once its task started.
-        self.context: contextvars.Context | None = None
 
     def cancel(self, msg: object = None) -> bool:
         if not self.done() and self.work is not None:
@@ -82,7 +81,8 @@ class Pipeline:
         return out
 
     def _looked_up(self, flights: list[Flight], found: asyncio.Future[list[StoredOutcome | None]]) -> None:
-        if found.cancelled() or found.exception() is not None:  # the store's connection closed: shutdown
+        # No answer (the store closing at shutdown, or a stored record it cannot read): each asks on its own.
+        if found.cancelled() or found.exception() is not None:
             stored: list[StoredOutcome | None] | None = None
         else:
             stored = found.result()
@@ -95,10 +95,9 @@ class Pipeline:
                 flight.set_result(False)
                 continue
             job = flight.job
-            context = contextvars.copy_context()
+            context = contextvars.copy_context()  # its log lines name it
             context.run(_log_ids, job)
-            task = loop.create_task(respond(job), context=context)
-            flight.work, flight.context = task, context
+            task = flight.work = loop.create_task(respond(job), context=context)
             task.add_done_callback(partial(self._answer, flight))
 
     def _answer(self, flight: Flight, task: asyncio.Task[Reply]) -> None:
@@ -115,12 +114,18 @@ class Pipeline:
         self._answered.append((flight, task.result()))
 
     def _emit_answered(self) -> None:
-        """The events of this turn's replies: made, stored, published (each after its store), together."""
+        """The events of this turn's replies: made, stored, published (each after its store), together,
+        stage by stage."""
         answered, self._answered = self._answered, []
         outcomes, emitter = self.handler.outcomes, self.handler.emitter
+        made: list[tuple[Flight, list[Outgoing]]] = []
         for flight, reply in answered:
             try:
-                events = reply()
+                made.append((flight, reply()))
+            except Exception as exc:  # a bug
+                self._fail(flight, exc)
+        for flight, events in made:
+            try:
                 stored = outcomes.put_soon(flight.job.request_id, events)
                 if flight.done():
                     # Cancelled after its answer came (revocation, shutdown): stored, so that the next
