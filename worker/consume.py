@@ -104,6 +104,8 @@ class ConsumeLoop:
         self._commit_soon = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._stopping = False
+        #: The drain's grace is over: no more work is handed from the staged path to the per-record path.
+        self._drained = False
         self._fetch: asyncio.Future[dict[TopicPartition, list[ConsumerRecord]]] | None = None
         # Resume fetching once 2 % of the window is free: small enough to keep the window full, large
         # enough not to flip pause/resume on every completion.
@@ -240,13 +242,16 @@ class ConsumeLoop:
         started: float,
         flight: asyncio.Future[bool],
     ) -> None:
-        """A staged request is done: finished, or handed to the per-record path (still in flight)."""
+        """A staged request is done: finished, or handed to the per-record path (still in flight), unless
+        its partition was let go or the drain's grace is over: then it is left unfinished, as if cancelled."""
         if not flight.cancelled() and ((failed := flight.exception()) is not None or not flight.result()):
             tasks, tracker = self.tasks.get(tp), self.trackers.get(tp)
-            if tasks is not None and tracker is not None and tracker.epoch == epoch:
+            if tasks is not None and tracker is not None and tracker.epoch == epoch and not self._drained:
                 tasks.discard(flight)
                 self._launch(tp, epoch, record, started, failed)
                 return
+            self._on_done(tp, epoch, record.offset, started, flight, left=True)
+            return
         self._on_done(tp, epoch, record.offset, started, flight)
 
     async def _process(self, record: ConsumerRecord, failed: BaseException | None = None) -> None:
@@ -254,14 +259,13 @@ class ConsumeLoop:
         error of a first attempt on the staged path."""
         # Log context: set by the handler once it has read the request (or found it unreadable); from the
         # record's key and header when it failed before that.
-        error: BaseException | None = None
-        attempt = 0
+        error: BaseException | None = failed
+        attempt = 0 if failed is None else 1  # (that attempt was logged by the staged path)
+        if failed is not None:
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
         while attempt < self.flow.poison_max_attempts:
             attempt += 1
             try:
-                if failed is not None:
-                    error, failed = failed, None
-                    raise error
                 await self.handle(record)
                 return
             except Exception as exc:  # a bug or a poison message; the handler maps all expected errors
@@ -290,14 +294,21 @@ class ConsumeLoop:
                 await self.poison(record, error)
 
     def _on_done(
-        self, tp: TopicPartition, epoch: int, offset: int, started: float, task: asyncio.Future[Any]
+        self,
+        tp: TopicPartition,
+        epoch: int,
+        offset: int,
+        started: float,
+        task: asyncio.Future[Any],
+        left: bool = False,
     ) -> None:
+        """`left`: let go unfinished (whoever reads the partition next redoes it), as if cancelled."""
         self.in_flight -= 1
         self._pacer.finished(time.monotonic() - started)
         tasks = self.tasks.get(tp)
         if tasks is not None:
             tasks.discard(task)
-        if task.cancelled():
+        if left or task.cancelled():
             metrics.REVOKED_CANCELLED.inc()
         elif task.exception() is not None:
             # Not expected (the DLQ publish is retried until it lands or is cancelled): leave the offset
@@ -433,6 +444,7 @@ class ConsumeLoop:
         if self.in_flight:
             log.info("draining in-flight requests", extra={"in_flight": self.in_flight, "grace_s": grace_s})
         still = await self._wait_for(None, grace_s)
+        self._drained = True
         for task in still:
             task.cancel()
         if still:

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from worker import metrics
 from worker.emit import Outgoing
 from worker.handle import Handler, Reply
 from worker.logs import correlation_id_var, request_id_var
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 class Flight(asyncio.Future[bool]):
     """One request on the staged path, as the consume loop holds it: True once its events were acknowledged
     (its outcome stored before), False for the per-record path, failed by an error that path retries.
-    Cancelling it (revocation, shutdown) cancels what the request is waiting for."""
+    Cancelling it (revocation, shutdown) cancels what the request is waiting for, and it ends cancelled when
+    that has ended (as a task does: a drain that waits for it waits for the call's own clean-up)."""
 
     def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
@@ -44,8 +46,10 @@ class Flight(asyncio.Future[bool]):
         self.work: asyncio.Future[Any] | None = None
 
     def cancel(self, msg: object = None) -> bool:
-        if not self.done() and self.work is not None:
-            self.work.cancel()
+        work = self.work
+        if not self.done() and work is not None and not work.done():
+            work.cancel(msg)  # its done-callback cancels this Flight (or finishes it, if it ends anyway)
+            return True
         return super().cancel(msg)
 
 
@@ -139,8 +143,6 @@ class Pipeline:
             sent.add_done_callback(partial(self._sent, flight))
 
     def _sent(self, flight: Flight, sent: asyncio.Future[None]) -> None:
-        if flight.done():
-            return
         if sent.cancelled():
             flight.cancel()
             return
@@ -148,13 +150,22 @@ class Pipeline:
         if error is not None:  # e.g. a callback topic Kafka refuses: the per-record path tries again
             self._fail(flight, error)
             return
+        # Marked even when the Flight was cancelled meanwhile: the events are out, so a redelivery re-sends
+        # the result alone, not the cost event again.
         self.handler.outcomes.mark_emitted_soon(flight.job.request_id)
-        flight.set_result(True)
+        if not flight.done():
+            flight.set_result(True)
 
     def _fail(self, flight: Flight, error: BaseException) -> None:
-        """The per-record path retries it, this error counted as its first attempt (and logged there)."""
-        if not flight.done():
-            flight.set_exception(error)
+        """The per-record path retries it, this error counted as its first attempt (logged here, with the
+        request's ids)."""
+        if flight.done():
+            return
+        metrics.PROCESSING_ERRORS.inc()
+        context = contextvars.copy_context()
+        context.run(_log_ids, flight.job)
+        context.run(log.error, "processing failed", exc_info=error, extra={"attempt": 1, "staged": True})
+        flight.set_exception(error)
 
 
 def _log_ids(job: Job) -> None:

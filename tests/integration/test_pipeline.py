@@ -1,0 +1,156 @@
+"""The staged path (worker/pipeline.py) on a real Redis, with a stand-in emitter: what goes to the per-record
+path, cancellation, the emitted marker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from redis.asyncio import Redis
+
+from contracts import ProviderName
+from tests.conftest import REDIS_URL, request_envelope
+from worker import metrics
+from worker.emit import Outgoing
+from worker.handle import Handler
+from worker.orchestrate import Orchestrator
+from worker.outcomes import OutcomeStore
+from worker.pipeline import Flight, Pipeline
+from worker.pricing import PriceTable
+from worker.providers.mock import MockProvider
+from worker.settings import KafkaSettings, MockSettings
+
+
+class Emitter:
+    """Acknowledges every publish once its store is done, unless told to hold them (`held`)."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[Outgoing]] = []
+        self.hold = False
+        self.held: list[asyncio.Future[None]] = []
+
+    def submit(self, messages: list[Outgoing], after: Any = None) -> asyncio.Future[None]:
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent.append(messages)
+        if self.hold:
+            self.held.append(acked)
+        else:
+            after.add_done_callback(lambda _: acked.done() or acked.set_result(None))
+        return acked
+
+
+@dataclass
+class Staged:
+    pipeline: Pipeline
+    store: OutcomeStore
+    emitter: Emitter
+    mock: MockProvider
+    redis: Redis
+
+
+@asynccontextmanager
+async def staged(latency_ms: float = 0, redis_url: str = REDIS_URL) -> AsyncIterator[Staged]:
+    redis = Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    store = OutcomeStore(redis, f"staged-{uuid.uuid4()}", ttl_s=60)
+    mock = MockProvider(MockSettings(mock_latency_ms=latency_ms))
+    orchestrator = Orchestrator({"mock": mock}, PriceTable.load(), ProviderName.MOCK)
+    emitter = Emitter()
+    handler = Handler(orchestrator, store, emitter, KafkaSettings().topics, "test")  # type: ignore[arg-type]
+    try:
+        yield Staged(Pipeline(handler), store, emitter, mock, redis)
+    finally:
+        await store.aclose()
+        await redis.aclose()
+
+
+def record(offset: int, value: bytes) -> ConsumerRecord:
+    return ConsumerRecord("t", 0, offset, 0, 0, b"k", value, None, 1, len(value), [])
+
+
+def valid(request_id: str) -> bytes:
+    return request_envelope(request_id=request_id).model_dump_json().encode()
+
+
+async def test_only_new_valid_requests_stay_on_the_staged_path() -> None:
+    async with staged() as s:
+        await s.store.put_soon("done-before", [Outgoing("result", "t", "done-before", b"{}", "c")])
+        flights = s.pipeline.start(
+            [record(0, valid("new-1")), record(1, b"not json"), record(2, valid("done-before"))]
+        )
+        assert flights[1] is None  # unparseable: the per-record path (DLQ)
+        new, stored = flights[0], flights[2]
+        assert new is not None and stored is not None
+        assert await asyncio.wait_for(stored, 5) is False  # a redelivery: replayed by the per-record path
+        assert await asyncio.wait_for(new, 5) is True
+        assert s.mock.calls == 1 and [m.kind for m in s.emitter.sent[0]] == ["result", "cost"]
+        found = await s.store.get("new-1")
+        assert found is not None and [m.value for m in found.messages] == [m.value for m in s.emitter.sent[0]]
+
+
+async def test_a_stored_record_it_cannot_read_sends_the_whole_fetch_to_the_per_record_path() -> None:
+    # Each record there looks itself up again: only that one fails (and is retried, then dead-lettered).
+    async with staged() as s:
+        await s.redis.set(f"{s.store.prefix}unreadable", b'{"not": "the format"}\nxyz', ex=60)
+        flights = s.pipeline.start([record(0, valid("fine")), record(1, valid("unreadable"))])
+        assert [await asyncio.wait_for(f, 5) for f in flights if f is not None] == [False, False]
+        assert s.mock.calls == 0
+
+
+async def test_with_redis_down_the_lookup_degrades_to_at_least_once() -> None:
+    metrics.flush()
+    before = metrics.IDEMPOTENCY_DEGRADED.labels("get")._value.get()
+    async with staged(redis_url="redis://127.0.0.1:1") as s:  # nothing listens there
+        s.emitter.hold = True  # (its store cannot be made either)
+        [flight] = s.pipeline.start([record(0, valid("no-redis"))])
+        assert flight is not None
+        for _ in range(500):
+            if s.mock.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert s.mock.calls == 1  # called all the same
+        metrics.flush()
+        assert metrics.IDEMPOTENCY_DEGRADED.labels("get")._value.get() == before + 1
+        flight.cancel()
+
+
+async def test_a_cancelled_flight_ends_when_its_call_has_ended() -> None:
+    # As a task does: a drain that waits for it waits for the call's own clean-up.
+    async with staged(latency_ms=200) as s:
+        [flight] = s.pipeline.start([record(0, valid("slow"))])
+        assert isinstance(flight, Flight)
+        for _ in range(500):
+            if s.mock.calls:
+                break
+            await asyncio.sleep(0.01)
+        task = flight.work
+        assert task is not None and not task.done()
+        assert flight.cancel()
+        assert not flight.done()  # its call is still ending
+        await asyncio.wait([flight], timeout=5)
+        assert flight.cancelled() and task.cancelled()
+        assert s.emitter.sent == []
+
+
+async def test_events_acknowledged_before_a_cancel_are_marked_emitted() -> None:
+    # Else a redelivery would send the cost event again.
+    async with staged() as s:
+        s.emitter.hold = True
+        [flight] = s.pipeline.start([record(0, valid("acked"))])
+        assert flight is not None
+        for _ in range(500):
+            if s.emitter.held:
+                break
+            await asyncio.sleep(0.01)
+        [acked] = s.emitter.held
+        acked.set_result(None)  # acknowledged; the Flight hears of it a turn later
+        flight.cancel()
+        await asyncio.wait([flight], timeout=5)
+        assert flight.cancelled()
+        await asyncio.sleep(0.05)  # the marker's write
+        found = await s.store.get("acked")
+        assert found is not None and found.emitted
