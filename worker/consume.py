@@ -8,8 +8,9 @@ the FastStream broker.
 
 Correctness in four rules:
 1. An offset is admitted to its partition's tracker before its task starts, in fetch order.
-2. An offset is finished only when `handle` returned, i.e. its terminal events were acknowledged by
-   Kafka (acks=all) and its outcome was recorded for idempotent replay.
+2. An offset is finished only when its request is done: `handle` returned, or the staged path
+   (worker/pipeline.py, `start`) resolved its future True; i.e. its terminal events were acknowledged by
+   Kafka (acks=all) and its outcome was recorded for idempotent replay first.
 3. We only ever commit `tracker.committable()`: the lowest unfinished offset. A crash therefore redelivers
    every unfinished request (nothing lost) plus finished ones above the gap (replayed from the outcome
    store, no second provider call).

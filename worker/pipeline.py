@@ -105,12 +105,7 @@ class Pipeline:
             task.add_done_callback(partial(self._answer, flight))
 
     def _answer(self, flight: Flight, task: asyncio.Task[Reply]) -> None:
-        if task.cancelled():
-            flight.cancel()
-            return
-        error = task.exception()
-        if error is not None:
-            self._fail(flight, error)
+        if not self._succeeded(flight, task):
             return
         if not self._answered:
             assert self._loop is not None
@@ -143,18 +138,24 @@ class Pipeline:
             sent.add_done_callback(partial(self._sent, flight))
 
     def _sent(self, flight: Flight, sent: asyncio.Future[None]) -> None:
-        if sent.cancelled():
-            flight.cancel()
-            return
-        error = sent.exception()
-        if error is not None:  # e.g. a callback topic Kafka refuses: the per-record path tries again
-            self._fail(flight, error)
+        if not self._succeeded(flight, sent):  # e.g. a callback topic Kafka refuses: tried again on its own
             return
         # Marked even when the Flight was cancelled meanwhile: the events are out, so a redelivery re-sends
         # the result alone, not the cost event again.
         self.handler.outcomes.mark_emitted_soon(flight.job.request_id)
         if not flight.done():
             flight.set_result(True)
+
+    def _succeeded(self, flight: Flight, waited: asyncio.Future[Any]) -> bool:
+        """Whether what the request waited for succeeded; if it did not, the Flight ends so too."""
+        if waited.cancelled():
+            flight.cancel()
+            return False
+        error = waited.exception()
+        if error is not None:
+            self._fail(flight, error)
+            return False
+        return True
 
     def _fail(self, flight: Flight, error: BaseException) -> None:
         """The per-record path retries it, this error counted as its first attempt (logged here, with the

@@ -68,6 +68,14 @@ async def staged(latency_ms: float = 0, redis_url: str = REDIS_URL) -> AsyncIter
         await redis.aclose()
 
 
+async def _until(predicate: Any) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
 def record(offset: int, value: bytes) -> ConsumerRecord:
     return ConsumerRecord("t", 0, offset, 0, 0, b"k", value, None, 1, len(value), [])
 
@@ -108,10 +116,7 @@ async def test_with_redis_down_the_lookup_degrades_to_at_least_once() -> None:
         s.emitter.hold = True  # (its store cannot be made either)
         [flight] = s.pipeline.start([record(0, valid("no-redis"))])
         assert flight is not None
-        for _ in range(500):
-            if s.mock.calls:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: s.mock.calls)
         assert s.mock.calls == 1  # called all the same
         metrics.flush()
         assert metrics.IDEMPOTENCY_DEGRADED.labels("get")._value.get() == before + 1
@@ -123,10 +128,7 @@ async def test_a_cancelled_flight_ends_when_its_call_has_ended() -> None:
     async with staged(latency_ms=200) as s:
         [flight] = s.pipeline.start([record(0, valid("slow"))])
         assert isinstance(flight, Flight)
-        for _ in range(500):
-            if s.mock.calls:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: s.mock.calls)
         task = flight.work
         assert task is not None and not task.done()
         assert flight.cancel()
@@ -142,10 +144,7 @@ async def test_events_acknowledged_before_a_cancel_are_marked_emitted() -> None:
         s.emitter.hold = True
         [flight] = s.pipeline.start([record(0, valid("acked"))])
         assert flight is not None
-        for _ in range(500):
-            if s.emitter.held:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: s.emitter.held)
         [acked] = s.emitter.held
         acked.set_result(None)  # acknowledged; the Flight hears of it a turn later
         flight.cancel()
