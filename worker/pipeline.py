@@ -59,6 +59,9 @@ class Pipeline:
         #: Replies that arrived this loop turn: their events are made together in the next.
         self._answered: list[tuple[Flight, Reply]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The Flight of each request id started here; the done ones are dropped when it reaches _prune_at.
+        self._flying: dict[str, Flight] = {}
+        self._prune_at = _FLYING_MAX
 
     def start(self, records: list[ConsumerRecord]) -> list[Flight | None]:
         """Decode the records and look the valid ones up, together. Per record its Flight, or None for one
@@ -77,8 +80,18 @@ class Pipeline:
                 out.append(None)
                 continue
             flight = Flight(job, loop)
-            flights.append(flight)
             out.append(flight)
+            first = self._flying.get(job.request_id)
+            if first is not None and not first.done():
+                # The same request again while it runs (a producer's retry, a second copy): it waits for
+                # the first, then the per-record path answers it from the outcome store, not the provider.
+                first.add_done_callback(partial(_after_the_first, flight))
+                continue
+            if len(self._flying) >= self._prune_at:
+                self._flying = {k: f for k, f in self._flying.items() if not f.done()}
+                self._prune_at = max(_FLYING_MAX, 2 * len(self._flying))
+            self._flying[job.request_id] = flight
+            flights.append(flight)
         if flights:
             found = self.handler.outcomes.get_many_soon([f.job.request_id for f in flights])
             found.add_done_callback(partial(self._looked_up, flights))
@@ -167,6 +180,15 @@ class Pipeline:
         context.run(_log_ids, flight.job)
         context.run(log.error, "processing failed", exc_info=error, extra={"attempt": 1, "staged": True})
         flight.set_exception(error)
+
+
+#: Past this many request ids (or twice those running after the last pass), the done Flights are dropped.
+_FLYING_MAX = 8192
+
+
+def _after_the_first(copy: Flight, first: asyncio.Future[bool]) -> None:
+    if not copy.done():
+        copy.set_result(False)
 
 
 def _log_ids(job: Job) -> None:

@@ -100,6 +100,22 @@ async def test_only_new_valid_requests_stay_on_the_staged_path() -> None:
         assert found is not None and [m.value for m in found.messages] == [m.value for m in s.emitter.sent[0]]
 
 
+async def test_a_request_sent_twice_is_called_once() -> None:
+    # The copy (a producer's retry, in the same fetch or a later one) waits for the first, then takes the
+    # per-record path, which answers it from the outcome store.
+    async with staged() as s:
+        first, copy = s.pipeline.start([record(0, valid("twice")), record(1, valid("twice"))])
+        assert first is not None and copy is not None
+        [later] = s.pipeline.start([record(2, valid("twice"))])
+        assert later is not None
+        assert await asyncio.wait_for(first, 5) is True
+        assert await asyncio.wait_for(copy, 5) is False and await asyncio.wait_for(later, 5) is False
+        assert s.mock.calls == 1 and len(s.emitter.sent) == 1
+        [again] = s.pipeline.start([record(3, valid("twice"))])  # once it is done: looked up, stored
+        assert again is not None and await asyncio.wait_for(again, 5) is False
+        assert s.mock.calls == 1
+
+
 async def test_a_stored_record_it_cannot_read_sends_the_whole_fetch_to_the_per_record_path() -> None:
     # Each record there looks itself up again: only that one fails (and is retried, then dead-lettered).
     async with staged() as s:
