@@ -283,16 +283,7 @@ class Handler:
         if self.spend is None or not self.spend.counts(request.organization_id):
             return outcome, []
         cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
-        recording = asyncio.ensure_future(self.spend.record(request.organization_id, cost_usd, held))
-        try:
-            alerts = await asyncio.shield(recording)
-        except asyncio.CancelledError:
-            # Cancelled (revocation, shutdown) once the provider answered: the answer is kept, so that its
-            # events are stored (and sent) and whoever reads the partition next replays them instead of
-            # calling again and counting the spend twice. The recording was under way: its alerts too.
-            if (task := asyncio.current_task()) is not None:
-                task.uncancel()
-            alerts = await asyncio.shield(recording)
+        alerts = await self.spend.record(request.organization_id, cost_usd, held)
         src, topic = self.service_name, self.topics.cost_alert
         return outcome, [
             make_event("cost_alert", topic, a.organization_id or "global", a, job.correlation_id, src)
