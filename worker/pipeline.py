@@ -8,9 +8,10 @@ over a group of requests, and only the waiting is per request. Measured against 
 B, mock at 0 ms): see the README's #3 section.
 
 Everything else takes the per-record path (Handler.handle, with the consume loop's retries and DLQ): a
-record that is not a valid request (DLQ, VALIDATION_ERROR), one whose outcome is stored (a redelivery),
-and one that failed here (an unexpected error, a publish Kafka refused): that path looks its outcome up
-again, so what was stored here is sent, and a request answered here is not called again.
+record that is not a valid request (DLQ, VALIDATION_ERROR), one whose outcome is stored (a redelivery), a
+copy of a request running here (once that one is done), and one that failed here (an unexpected error,
+a publish Kafka refused): that path looks its outcome up again, so what was stored here is sent, and a
+request answered here is not called again.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class Pipeline:
         #: Replies that arrived this loop turn: their events are made together in the next.
         self._answered: list[tuple[Flight, Reply]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: The Flight of each request id started here; the done ones are dropped when it reaches _prune_at.
+        #: The Flight of each request id running here: dropped once its events are out; those done otherwise
+        #: (failed, cancelled: rare) when the map reaches _prune_at.
         self._flying: dict[str, Flight] = {}
         self._prune_at = _FLYING_MAX
 
@@ -84,7 +86,8 @@ class Pipeline:
             first = self._flying.get(job.request_id)
             if first is not None and not first.done():
                 # The same request again while it runs (a producer's retry, a second copy): it waits for
-                # the first, then the per-record path answers it from the outcome store, not the provider.
+                # the first, then the per-record path answers it from the outcome store, not the provider
+                # (when the first failed, nothing is stored: both are then tried again, as before).
                 first.add_done_callback(partial(_after_the_first, flight))
                 continue
             if len(self._flying) >= self._prune_at:
@@ -155,7 +158,10 @@ class Pipeline:
             return
         # Marked even when the Flight was cancelled meanwhile: the events are out, so a redelivery re-sends
         # the result alone, not the cost event again.
-        self.handler.outcomes.mark_emitted_soon(flight.job.request_id)
+        request_id = flight.job.request_id
+        self.handler.outcomes.mark_emitted_soon(request_id)
+        if self._flying.get(request_id) is flight:  # (the others, done otherwise, go at the next pruning)
+            del self._flying[request_id]
         if not flight.done():
             flight.set_result(True)
 
