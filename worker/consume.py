@@ -175,7 +175,12 @@ class ConsumeLoop:
         # The staged path takes the whole fetch at once (its stages run over groups: the larger, the less
         # CPU per request).
         everything = [r for _, _, records in taken for r in records] if len(taken) > 1 else taken[0][2]
-        staged = self.start(everything) if self.start is not None else itertools.repeat(None)
+        staged: Iterable[asyncio.Future[bool] | None] = itertools.repeat(None)
+        if self.start is not None:
+            try:
+                staged = self.start(everything)
+            except Exception:  # a bug: the per-record path takes them all (the loop must not die of it)
+                log.exception("staged path failed; records go one by one")
         now = time.monotonic()
         flights = iter(staged)
         for tp, tracker, records in taken:

@@ -147,3 +147,19 @@ async def test_after_the_drains_grace_nothing_is_handed_to_the_per_record_path()
     assert h.loop.in_flight == 0
     assert h.consumer.commits[-1] == {TP: 1}  # offset 1 left unfinished for the next owner
     assert metrics.REVOKED_CANCELLED._value.get() == left + 1
+
+
+async def test_a_staged_path_that_raises_leaves_the_records_to_the_per_record_path() -> None:
+    h = Harness(3)
+
+    def broken(records: list[ConsumerRecord]) -> list[asyncio.Future[bool] | None]:
+        raise RuntimeError("staged bug")
+
+    h.loop.start = broken
+    run = asyncio.create_task(h.loop.run())
+    try:
+        await h.until(lambda: sorted(h.handled) == [0, 1, 2] and h.loop.in_flight == 0)
+        assert not run.done() and h.loop.trackers[TP].committable() == 3
+    finally:
+        h.loop.stop()
+        await run
