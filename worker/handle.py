@@ -23,6 +23,7 @@ from contracts import (
     ErrorDetail,
     LLMCacheHitV1,
     LLMComparisonResultV1,
+    LLMCostAlertV1,
     LLMCostTrackingV1,
     LLMProviderFailureV1,
     TokenUsage,
@@ -198,7 +199,7 @@ class Handler:
             return partial(self._reply, job, outcome, t0, "miss", ())
         if self.cache is None:
             label = "bypass" if request.cache.value == "bypass" else "miss"
-            outcome, alerts = await self._call(job, call, deadline_s, budgeted)
+            outcome, alerts = await self._call(job, call, deadline_s, budgeted, t0, label)
             return partial(self._reply, job, outcome, t0, label, alerts)
         return await self._through_cache(job, call, deadline_s, t0, budgeted)
 
@@ -218,13 +219,14 @@ class Handler:
         policy = self.cache.policy(requested)
         if policy is CachePolicy.BYPASS:
             (_BYPASS_REQUESTED if requested is CachePolicy.BYPASS else _BYPASS_DISABLED).inc()
-            outcome, alerts = await self._call(job, call, deadline_s, budgeted)
+            outcome, alerts = await self._call(job, call, deadline_s, budgeted, t0, "bypass")
             return partial(self._reply, job, outcome, t0, "bypass", alerts)
         key = self.cache.key_for(call)
+        label = policy.value if policy is CachePolicy.REFRESH else "miss"
         try:
             flight = await self.cache.serve(
                 key,
-                lambda: self._call(job, call, deadline_s, budgeted),
+                lambda: self._call(job, call, deadline_s, budgeted, t0, label),
                 partial(_cacheable, job.request_id),
                 deadline_s,
                 read=policy is CachePolicy.USE,
@@ -245,14 +247,20 @@ class Handler:
             )
         assert flight.led is not None
         outcome, alerts = flight.led
-        label = policy.value if policy is CachePolicy.REFRESH else "miss"
         return partial(self._reply, job, outcome, t0, label, alerts)
 
     async def _call(
-        self, job: Job, call: ComparisonCall, deadline_s: float | None, budgeted: bool
+        self,
+        job: Job,
+        call: ComparisonCall,
+        deadline_s: float | None,
+        budgeted: bool,
+        t0: float | None = None,
+        label: str = "miss",
     ) -> tuple[CallOutcome, list[Outgoing]]:
         """Budget check (`budgeted`: the organization has one), the provider call, spend accounting: the
-        outcome and any cost alerts it raised."""
+        outcome and any cost alerts it raised. `t0` and `label`: the request's start and cache label, for
+        the events stored when it is cancelled after the provider answered."""
         request = job.request
         held = None
         if budgeted:
@@ -283,9 +291,26 @@ class Handler:
         if self.spend is None or not self.spend.counts(request.organization_id):
             return outcome, []
         cost_usd = sum(a.cost.usd for a in outcome.attempts if a.cost)
-        alerts = await self.spend.record(request.organization_id, cost_usd, held)
+        recording = asyncio.ensure_future(self.spend.record(request.organization_id, cost_usd, held))
+        try:
+            alerts = await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            # Cancelled (revocation, shutdown) once the provider answered: its events are stored before the
+            # task ends cancelled, so whoever reads the partition next replays them instead of calling again
+            # (and counting the spend twice). The recording under way is waited for (its alerts go with
+            # them); the cancel is not taken back, so drain and revocation stay bounded.
+            try:
+                alerts = await asyncio.shield(recording)
+                events = self._reply(job, outcome, time.perf_counter() if t0 is None else t0, label, [])
+                self.outcomes.put_soon(job.request_id, events + self._alert_events(job, alerts))
+            except Exception:  # a bug: logged, and the task still ends cancelled
+                log.exception("events of a cancelled request could not be stored")
+            raise
+        return outcome, self._alert_events(job, alerts)
+
+    def _alert_events(self, job: Job, alerts: list[LLMCostAlertV1]) -> list[Outgoing]:
         src, topic = self.service_name, self.topics.cost_alert
-        return outcome, [
+        return [
             make_event("cost_alert", topic, a.organization_id or "global", a, job.correlation_id, src)
             for a in alerts
         ]

@@ -155,7 +155,12 @@ async def test_a_call_cancelled_in_flight_gives_its_budget_hold_back(
 
 
 async def _budgeted_call_started(
-    spend: SpendTracker, orchestrator: Any, started: asyncio.Event, monkeypatch: pytest.MonkeyPatch
+    spend: SpendTracker,
+    orchestrator: Any,
+    started: asyncio.Event,
+    monkeypatch: pytest.MonkeyPatch,
+    outcomes: Any = None,
+    request_id: str = "budgeted-1",
 ) -> asyncio.Task[Any]:
     """Handler._call of an org1 request (its budget check holds an estimate of 0.5) on `orchestrator`,
     once the orchestrator's run has set `started`."""
@@ -167,8 +172,8 @@ async def _budgeted_call_started(
 
     monkeypatch.setattr(handle, "estimate_call_usd", lambda prices, call: 0.5)
     topics = KafkaSettings().topics
-    handler = Handler(orchestrator, None, None, topics, "test", spend=spend)  # type: ignore[arg-type]
-    env = request_envelope(organization_id="org1")
+    handler = Handler(orchestrator, outcomes, None, topics, "test", spend=spend)  # type: ignore[arg-type]
+    env = request_envelope(organization_id="org1", request_id=request_id)
     job = decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
     call = ComparisonCall(provider="openai", model="m", system_prompt="s", user_prompt="u")
     task = asyncio.create_task(handler._call(job, call, None, budgeted=True))
@@ -214,6 +219,57 @@ async def test_a_call_cancelled_after_it_was_sent_counts_at_its_estimate(
     # The 0.3 crossed the alert threshold; a cancelled request sends no events, so the next call alerts.
     [alert] = await spend.record("org1", 0.01)
     assert alert.scope == "global" and alert.spend_usd == pytest.approx(0.31)
+
+
+async def test_a_request_cancelled_while_its_answered_call_is_recorded_stores_its_events(
+    tracker, redis, prefix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled (revocation, shutdown) after the provider answered, while its spend is being recorded: the
+    task still ends cancelled (drain and revocation stay bounded), but the request's events are stored
+    first, with the alert the recording made, so whoever reads the partition next replays them; losing the
+    answer meant a second call and its spend counted twice."""
+    from contracts import TokenUsage, utc_now
+    from worker.orchestrate import Attempt
+    from worker.outcomes import OutcomeStore
+    from worker.pricing import Cost
+    from worker.providers.base import Answer
+
+    spend = tracker(org_budget_usd=1.0, cost_alert_threshold_usd=0.25)
+    started, recording = asyncio.Event(), asyncio.Event()
+    real_record = spend.record
+
+    async def slow_record(*args: Any, **kwargs: Any) -> Any:
+        recording.set()
+        await asyncio.sleep(0.1)
+        return await real_record(*args, **kwargs)
+
+    monkeypatch.setattr(spend, "record", slow_record)
+
+    class Answers:
+        prices = None
+
+        async def run(self, call: Any, deadline_s: Any, outcome: Any = None, **_: Any) -> Any:
+            started.set()
+            usage = TokenUsage(prompt_tokens=100, completion_tokens=10, total_tokens=110)
+            outcome.answer = Answer("Essay A", "clearer", 4.0, "m", usage)
+            outcome.attempts.append(Attempt("openai", "m", utc_now(), 5, usage, Cost(0.3, True)))
+            return outcome
+
+    store = OutcomeStore(redis, prefix, ttl_s=60)
+    try:
+        task = await _budgeted_call_started(spend, Answers(), started, monkeypatch, store, "answered-1")
+        await asyncio.wait_for(recording.wait(), 5)
+        await _cancel(task)
+        found = await store.get("answered-1")
+    finally:
+        await store.aclose()
+    assert found is not None and not found.emitted
+    assert [m.kind for m in found.messages] == ["result", "cost", "cost_alert"]
+    assert b'"winner":"Essay A"' in found.messages[0].value
+    assert b'"scope":"global"' in found.messages[2].value  # 0.3 crossed 0.25
+    with pytest.raises(RequestRejected):
+        await spend.check_budget("org1", 0.8)  # 0.3 counted once
+    assert await spend.check_budget("org1", 0.7) is not None
 
 
 async def test_an_organization_with_a_budget_cannot_call_a_model_without_a_price(tracker) -> None:
