@@ -255,8 +255,8 @@ class Handler:
         call: ComparisonCall,
         deadline_s: float | None,
         budgeted: bool,
-        t0: float | None = None,
-        label: str = "miss",
+        t0: float,
+        label: str,
     ) -> tuple[CallOutcome, list[Outgoing]]:
         """Budget check (`budgeted`: the organization has one), the provider call, spend accounting: the
         outcome and any cost alerts it raised. `t0` and `label`: the request's start and cache label, for
@@ -301,8 +301,8 @@ class Handler:
             # them); the cancel is not taken back, so drain and revocation stay bounded.
             try:
                 alerts = await asyncio.shield(recording)
-                events = self._reply(job, outcome, time.perf_counter() if t0 is None else t0, label, [])
-                self.outcomes.put_soon(job.request_id, events + self._alert_events(job, alerts))
+                events = self._reply(job, outcome, t0, label, self._alert_events(job, alerts))
+                self.outcomes.put_soon(job.request_id, events)
             except Exception:  # a bug: logged, and the task still ends cancelled
                 log.exception("events of a cancelled request could not be stored")
             raise

@@ -110,18 +110,13 @@ class OutcomeStore:
         except (RedisError, OSError) as exc:
             self._degraded("get", exc)
             return None
-        if stored is None:
-            return None
-        return StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
+        return _stored_outcome(stored, emitted)
 
     def get_many_soon(self, request_ids: list[str]) -> asyncio.Future[list[StoredOutcome | None]]:
         """get() of many requests as one future (one MGET): the stored outcome of each, or None. With Redis
         down every answer is None, each counted as degraded (as get's). Cancelled if the command was."""
-        keys: list[str] = []
-        for request_id in request_ids:
-            keys += (self.prefix + request_id, self.emitted_prefix + request_id)
         found: asyncio.Future[list[StoredOutcome | None]] = self._running_loop().create_future()
-        reply = self.batch.submit("MGET", *keys)
+        reply = self.batch.submit("MGET", *self._lookup_keys(request_ids))
         reply.add_done_callback(partial(self._hand_out_many, found, len(request_ids)))
         return found
 
@@ -146,7 +141,7 @@ class OutcomeStore:
         try:
             found.set_result(
                 [
-                    None if stored is None else StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
+                    _stored_outcome(stored, emitted)
                     for stored, emitted in zip(values[::2], values[1::2], strict=True)
                 ]
             )
@@ -204,10 +199,15 @@ class OutcomeStore:
 
     def _flush_gets(self) -> None:
         gets, self._gets = self._gets, []
-        keys: list[str] = []
-        for request_id, _ in gets:
-            keys += (self.prefix + request_id, self.emitted_prefix + request_id)
+        keys = self._lookup_keys([request_id for request_id, _ in gets])
         self.batch.submit("MGET", *keys).add_done_callback(partial(_hand_out_gets, gets))
+
+    def _lookup_keys(self, request_ids: list[str]) -> list[str]:
+        """Each request's outcome key and emitted-marker key, in turn (what MGET reads)."""
+        keys: list[str] = []
+        for request_id in request_ids:
+            keys += (self.prefix + request_id, self.emitted_prefix + request_id)
+        return keys
 
     def _flush_sets(self) -> None:
         puts, values, marks, waiting = self._put_keys, self._put_values, self._mark_keys, self._mark_futures
@@ -249,6 +249,11 @@ class OutcomeStore:
     def _degraded(self, op: str, exc: Exception) -> None:
         metrics.labelled(metrics.IDEMPOTENCY_DEGRADED, op).inc()
         log.warning("idempotency store unavailable; at-least-once only", extra={"op": op, "error": str(exc)})
+
+
+def _stored_outcome(stored: bytes | None, emitted: bytes | None) -> StoredOutcome | None:
+    """A request's outcome and emitted marker as MGET read them."""
+    return None if stored is None else StoredOutcome(decode_outcome(stored), emitted=emitted == b"1")
 
 
 def _hand_out_gets(gets: list[tuple[str, asyncio.Future[Any]]], reply: asyncio.Future[Any]) -> None:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from aiokafka import ConsumerRecord
 from redis.asyncio import Redis
 
@@ -19,7 +20,7 @@ from worker import metrics
 from worker.emit import Outgoing
 from worker.handle import Handler
 from worker.orchestrate import Orchestrator
-from worker.outcomes import OutcomeStore
+from worker.outcomes import OutcomeStore, StoredOutcome
 from worker.pipeline import Flight, Pipeline
 from worker.pricing import PriceTable
 from worker.providers.mock import MockProvider
@@ -68,11 +69,11 @@ async def staged(latency_ms: float = 0, redis_url: str = REDIS_URL) -> AsyncIter
         await redis.aclose()
 
 
-async def _until(predicate: Any) -> None:
-    for _ in range(500):
+async def _until(predicate: Any, every_s: float = 0.01) -> None:
+    for _ in range(500 if every_s else 100_000):
         if predicate():
             return
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(every_s)
     raise AssertionError("timed out")
 
 
@@ -169,3 +170,50 @@ async def test_events_acknowledged_before_a_cancel_are_marked_emitted() -> None:
         await asyncio.sleep(0.05)  # the marker's write
         found = await s.store.get("acked")
         assert found is not None and found.emitted
+
+
+async def test_a_request_cancelled_after_it_answered_leaves_its_events_stored_for_the_next_owner() -> None:
+    # The replies of one loop turn make their events together in the next. A revocation or shutdown that
+    # cancels a request in between must not lose the answer: the provider was called, so its events are
+    # stored (and not sent), and the next owner replays them without a second call.
+    stored, calls, sent, loop_errors = await _cancelled_once_answered()
+    assert stored is not None and not stored.emitted
+    assert [m.kind for m in stored.messages] == ["result", "cost"]
+    assert b'"winner":"Essay' in stored.messages[0].value
+    assert calls == 1 and sent == [] and loop_errors == []
+
+
+async def test_a_request_cancelled_there_stays_cancelled_when_its_events_cannot_be_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug there must not turn the cancel into an error: the consumer would retry the request (a second
+    # provider call) on a partition it no longer owns, or keep a shutdown waiting.
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Handler, "_events", broken)
+    stored, calls, sent, loop_errors = await _cancelled_once_answered()  # raises unless cancelled
+    assert stored is None and calls == 1 and sent == [] and loop_errors == []
+
+
+async def _cancelled_once_answered() -> tuple[StoredOutcome | None, int, list[Any], list[Any]]:
+    """One request on the staged path, its Flight cancelled as soon as its answer came: what the outcome
+    store then holds for it, the mock's calls, what was handed to the emitter, and the errors the event
+    loop was told of."""
+    loop_errors: list[Any] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: loop_errors.append(context))
+    try:
+        async with staged() as s:
+            [flight] = s.pipeline.start([record(0, valid("cancelled-1"))])
+            assert flight is not None
+            await _until(lambda: flight.work is not None, every_s=0)  # its task (the call) just made
+            assert flight.work is not None
+            # Called after the pipeline's own callback (the answer is in), before the next turn makes events.
+            flight.work.add_done_callback(lambda _: flight.cancel())
+            with pytest.raises(asyncio.CancelledError):
+                await flight
+            await asyncio.sleep(0.01)  # the turn that makes the events
+            found = await s.store.get("cancelled-1")  # read after the write, on the same connection
+            return found, s.mock.calls, s.emitter.sent, loop_errors
+    finally:
+        asyncio.get_running_loop().set_exception_handler(None)

@@ -4,6 +4,7 @@ replicas), re-armed once spend falls below the threshold; budgets refuse before 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -176,7 +177,7 @@ async def _budgeted_call_started(
     env = request_envelope(organization_id="org1", request_id=request_id)
     job = decode_request(env.model_dump_json().encode(), None, topics.comparison_result)
     call = ComparisonCall(provider="openai", model="m", system_prompt="s", user_prompt="u")
-    task = asyncio.create_task(handler._call(job, call, None, budgeted=True))
+    task = asyncio.create_task(handler._call(job, call, None, True, time.perf_counter(), "miss"))
     await asyncio.wait_for(started.wait(), 5)
     return task
 
@@ -311,7 +312,8 @@ async def test_an_organization_with_a_budget_cannot_call_a_model_without_a_price
 
     async def call_as_process_does(job: Any, call: ComparisonCall) -> Any:
         assert handler.spend is not None
-        return await handler._call(job, call, None, handler.spend.has_budget(job.request.organization_id))
+        budgeted = handler.spend.has_budget(job.request.organization_id)
+        return await handler._call(job, call, None, budgeted, time.perf_counter(), "miss")
 
     refused, _ = await call_as_process_does(job(organization_id="org1"), call("unpriced"))
     assert refused.error is not None and refused.error.code is ErrorCode.CONFIGURATION_ERROR
